@@ -1,0 +1,1 @@
+"""LoRA adapters: identity, validation, cache and training."""

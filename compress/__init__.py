@@ -1,0 +1,1 @@
+"""Offline compression: quantize, prune, distill, evaluate."""

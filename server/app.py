@@ -1,0 +1,52 @@
+"""create_app(): the FastAPI application, its lifespan and its routes. Nothing here runs at import."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.engines.base import Engine
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.routes import chat, completions, health, models
+from server.settings import ServeSettings
+from server.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None) -> FastAPI:
+    """Build the app. Engines passed in are started here; otherwise they are loaded from settings."""
+    state = AppState(settings=settings, metrics=Metrics(), created=int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engines is None:
+            from server.engines.factory import build_engines
+
+            state.engines = await asyncio.to_thread(build_engines, settings)
+        else:
+            state.engines = dict(engines)
+        for model_id, engine in state.engines.items():
+            await engine.start()
+            state.metrics.model_loaded(model_id, engine.weight_bytes)
+        state.ready = True
+        log.info("serving %s", ", ".join(state.engines))
+        try:
+            yield
+        finally:
+            state.ready = False
+            for engine in state.engines.values():
+                await engine.shutdown()
+
+    app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
+    app.state.slim = state
+    install_error_handlers(app)
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    return app

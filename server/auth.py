@@ -1,0 +1,41 @@
+"""API-key checks as FastAPI dependencies. Keys are compared in constant time and never logged."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.errors import Unauthorized
+from server.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.slim
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def key_matches(given: str | None, keys: list[str]) -> bool:
+    if given is None:
+        return False
+    found = False
+    for key in keys:  # check every key so timing does not reveal which one matched
+        found |= hmac.compare_digest(given.encode(), key.encode())
+    return found
+
+
+def require_client_key(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
+    keys = state.settings.api_keys
+    if keys and not key_matches(_bearer(request), keys):
+        raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+
+State = Annotated[AppState, Depends(get_state)]
+ClientAuth = Depends(require_client_key)

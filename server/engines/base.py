@@ -1,0 +1,110 @@
+"""The Engine interface, and the plain data that crosses it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class RequestStats:
+    """Timings of one request, filled by the engine, recorded into metrics once, at the end."""
+
+    model: str
+    adapter: str = ""
+    arrival: float = field(default_factory=time.perf_counter)
+    scheduled: float | None = None  # left the queue
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    inter_token: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def token_emitted(self, when: float, count: int = 1) -> None:
+        if self.first_token is None:
+            self.first_token = when
+        elif self.last_token is not None:
+            self.inter_token.append(when - self.last_token)
+        self.last_token = when
+        self.completion_tokens += count
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stats: RequestStats
+    adapter: str | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Chunk:
+    """New output of one request since its last chunk."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # stop | length | abort
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_cache_tokens: int = 0
+
+
+class Engine(Protocol):
+    model_id: str
+    max_model_len: int
+    weight_bytes: int
+
+    def encode(self, prompt: str) -> list[int]: ...
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, **template_kwargs) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def health(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...

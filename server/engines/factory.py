@@ -1,0 +1,36 @@
+"""Settings -> loaded engines. The only place that knows which engine class serves which setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.engines.base import Engine
+from server.errors import ConfigError
+from server.settings import ServeSettings
+
+
+def resolve_model_path(settings: ServeSettings) -> str:
+    """The embedded default, a local folder, or (where the network allows) a hub id."""
+    if settings.model == DEFAULT_MODEL_ID:
+        return str(default_model_dir(settings.cache_dir))
+    path = Path(settings.model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError("model", f"{path} has no config.json; expected a Hugging Face model folder")
+        return str(path)
+    if settings.model.startswith((".", "/", "~")):
+        raise ConfigError("model", f"no such folder: {settings.model}")
+    return settings.model  # a hub id
+
+
+def build_engines(settings: ServeSettings) -> dict[str, Engine]:
+    from server.engines.torch_engine import TorchEngine
+
+    path = resolve_model_path(settings)
+    engine = TorchEngine.load(
+        settings.model_id, path, dtype=settings.dtype, device=settings.device,
+        max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+        max_prefill_tokens=settings.max_prefill_tokens, trust_remote_code=settings.trust_remote_code,
+    )
+    return {settings.model_id: engine}

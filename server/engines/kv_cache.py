@@ -1,0 +1,119 @@
+"""A batched KV cache whose rows can join and leave between decode steps.
+
+Rows are left-padded to one shared length, so every decode step is one dense forward over the
+whole batch. Each layer preallocates capacity and grows by doubling, so a decode step writes one
+new column instead of copying the whole cache as transformers' DynamicLayer (torch.cat) does.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values: buffers [batch, heads, capacity, dim], the first `length` used."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _reserve(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        capacity = 0 if self._k is None else self._k.shape[-2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity, 64)
+        b, h, _, d = like_k.shape
+        new_k = like_k.new_zeros((b, h, capacity, d))
+        new_v = like_v.new_zeros((b, h, capacity, like_v.shape[-1]))
+        if self._k is not None and self.length:
+            new_k[:, :, : self.length] = self._k[:, :, : self.length]
+            new_v[:, :, : self.length] = self._v[:, :, : self.length]
+        self._k, self._v = new_k, new_v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._reserve(end, key_states, value_states)
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 0) -> None:
+        """Replace the contents with `keys`/`values` (already aligned), keeping `spare` free columns."""
+        self._k = self._v = None
+        self.length = 0
+        self._reserve(keys.shape[-2] + spare, keys, values)
+        self.update(keys, values)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None:
+            self._k = self._k.index_select(0, indices)
+            self._v = self._v.index_select(0, indices)
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def drop_front(self, columns: int) -> None:
+        """Forget the first `columns` positions (padding that no remaining row needs)."""
+        if columns <= 0 or self._k is None:
+            return
+        keep_k = self._k[:, :, columns : self.length].clone()
+        keep_v = self._v[:, :, columns : self.length].clone()
+        self.set(keep_k, keep_v, spare=self._k.shape[-2] - self.length)
+
+
+class BatchCache(Cache):
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[SlotLayer() for _ in range(num_layers)])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def select(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+
+    def drop_front(self, columns: int) -> None:
+        for layer in self.layers:
+            layer.drop_front(columns)
+
+
+def merge(a: BatchCache | None, a_mask: torch.Tensor | None, b: BatchCache, b_mask: torch.Tensor):
+    """Stack the rows of `b` under those of `a`, left-padding the shorter one. Returns (cache, mask)."""
+    if a is None or a_mask is None or a_mask.shape[0] == 0:
+        return b, b_mask
+    length = max(a.length, b.length)
+    merged = BatchCache(len(a.layers))
+    for out, la, lb in zip(merged.layers, a.layers, b.layers):
+        keys = torch.cat([_left_pad(la.keys, length), _left_pad(lb.keys, length)], dim=0)
+        values = torch.cat([_left_pad(la.values, length), _left_pad(lb.values, length)], dim=0)
+        out.set(keys, values, spare=max(64, length // 2))
+    mask = torch.cat([_left_pad_mask(a_mask, length), _left_pad_mask(b_mask, length)], dim=0)
+    return merged, mask
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - t.shape[-2]
+    if missing == 0:
+        return t
+    pad = t.new_zeros((*t.shape[:-2], missing, t.shape[-1]))
+    return torch.cat([pad, t], dim=-2)
+
+
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - mask.shape[1]
+    if missing == 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)

@@ -1,0 +1,94 @@
+"""Choosing the next token for every row of a batch, each row with its own sampling parameters.
+
+Pure tensor functions: greedy rows take the argmax; sampled rows go through penalties,
+temperature, top-k and top-p; a row with a seed draws from its own generator, so a seeded request
+replays the same way whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engines.base import SamplingParams
+
+
+@dataclass
+class RowState:
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_ids: list[int]
+    prompt_ids: list[int]
+
+
+@dataclass
+class Picked:
+    tokens: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over generated tokens; repetition penalty over all seen."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1.0:
+            continue
+        if row.output_ids and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(row.output_ids, device=logits.device)
+            counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), device=logits.device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and nucleus (top-p). top_k <= 0 means no limit."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k.clamp(max=vocab))
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    drop = ranks >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of better tokens
+    drop |= before > top_p[:, None]
+    drop[:, 0] = False  # always keep the best token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def pick_tokens(logits: torch.Tensor, rows: list[RowState], shared: torch.Generator) -> Picked:
+    """Choose one token per row from float32 logits [batch, vocab]."""
+    raw = logits
+    want_logprobs = any(r.params.logprobs is not None for r in rows)
+    logits = apply_penalties(logits.clone(), rows)
+    tokens = torch.argmax(logits, dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        idx = torch.tensor(sampled, device=logits.device)
+        sub = logits.index_select(0, idx)
+        temps = torch.tensor([rows[i].params.temperature for i in sampled], device=logits.device)
+        sub = sub / temps[:, None]
+        top_k = torch.tensor([rows[i].params.top_k for i in sampled], device=logits.device)
+        top_p = torch.tensor([rows[i].params.top_p for i in sampled], device=logits.device, dtype=sub.dtype)
+        probs = torch.softmax(filter_top_k_top_p(sub, top_k, top_p), dim=-1)
+        for j, i in enumerate(sampled):
+            gen = rows[i].generator or shared
+            tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    token_list = tokens.tolist()
+    logprobs: list = [None] * len(rows)
+    if want_logprobs:
+        logp = torch.log_softmax(raw, dim=-1)
+        for i, row in enumerate(rows):
+            k = row.params.logprobs
+            if k is None:
+                continue
+            top: list[tuple[int, float]] = []
+            if k > 0:
+                vals, ids = torch.topk(logp[i], k)
+                top = list(zip(ids.tolist(), vals.tolist()))
+            logprobs[i] = (float(logp[i, token_list[i]]), top)
+    return Picked(token_list, logprobs)

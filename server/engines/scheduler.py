@@ -1,0 +1,261 @@
+"""Continuous batching for the PyTorch engine, run in one worker thread.
+
+Each loop: admit waiting requests (bounded by `max_num_seqs` and a prefill token budget), prefill
+them together, merge their KV rows into the running batch, then run one decode step for every
+running sequence. Finished and aborted sequences leave the batch between steps. The event loop
+only ever sees Chunks pushed through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engines.base import Chunk, GenerationRequest, TokenLogprob
+from server.engines.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.kv_cache import BatchCache, merge
+from server.engines.sampling import RowState, pick_tokens
+from server.errors import EngineError
+
+log = logging.getLogger(__name__)
+Emit = Callable[[Chunk | BaseException], None]
+_TRIM_MIN_COLUMNS = 32
+
+
+@dataclass
+class Sequence:
+    req: GenerationRequest
+    emit: Emit
+    row: RowState
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    aborted: bool = False
+    done: bool = False
+    extra_stop_ids: set[int] = field(default_factory=set)
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the one fed to the next decode step."""
+        return len(self.row.prompt_ids) + len(self.row.output_ids) - 1
+
+
+class BatchScheduler:
+    def __init__(self, model, tokenizer, *, eos_ids: set[int], max_model_len: int, max_num_seqs: int,
+                 max_prefill_tokens: int, device: torch.device, pad_id: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = device
+        self.pad_id = pad_id
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        self._cond = threading.Condition()
+        self._pending: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._cache: BatchCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._shared_gen = torch.Generator(device="cpu")
+        self._shared_gen.seed()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- called from the event loop -------------------------------------------------------------
+    def submit(self, req: GenerationRequest, emit: Emit) -> None:
+        gen = None
+        if req.params.seed is not None:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(req.params.seed)
+        seq = Sequence(
+            req=req, emit=emit,
+            row=RowState(req.params, gen, [], list(req.prompt_token_ids)),
+            detok=IncrementalDetokenizer(self.tokenizer),
+            stops=StopStrings(req.params.stop),
+            extra_stop_ids=set(req.params.stop_token_ids),
+        )
+        with self._cond:
+            if self._stopping:
+                raise EngineError("engine is shutting down")
+            self._by_id[req.request_id] = seq
+            self._pending.append(seq)
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            seq = self._by_id.get(request_id)
+            if seq is not None:
+                seq.aborted = True
+                self._cond.notify()
+
+    def counts(self) -> tuple[int, int, int]:
+        with self._cond:
+            kv = 0 if self._cache is None else self._cache.length * len(self._rows)
+            return len(self._rows), len(self._pending), kv
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="slimserve-torch-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- worker thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._rows and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                new = self._admit()
+            try:
+                with torch.inference_mode():
+                    if new:
+                        self._prefill(new)
+                    self._drop_finished()
+                    if self._rows:
+                        self._decode()
+                        self._drop_finished()
+                self.steps += 1
+            except Exception as exc:  # a failed step fails only the sequences it touched
+                log.exception("engine step failed")
+                self._fail(new + self._rows, exc)
+        self._fail(list(self._pending) + self._rows, EngineError("engine stopped"))
+
+    def _admit(self) -> list[Sequence]:
+        new: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        longest = 0
+        while self._pending and len(self._rows) + len(new) < self.max_num_seqs:
+            seq = self._pending[0]
+            if seq.aborted:
+                self._pending.popleft()
+                self._finish(seq, Chunk("", [], finish_reason="abort"))
+                continue
+            longest = max(longest, len(seq.row.prompt_ids))
+            if new and longest * (len(new) + 1) > budget:  # padded prefill size
+                break
+            self._pending.popleft()
+            seq.req.stats.scheduled = time.perf_counter()
+            new.append(seq)
+        return new
+
+    def _prefill(self, new: list[Sequence]) -> None:
+        lengths = [len(s.row.prompt_ids) for s in new]
+        width = max(lengths)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, width - lengths[i]:] = torch.tensor(s.row.prompt_ids)
+            mask[i, width - lengths[i]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = BatchCache(self.num_layers)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        picked = pick_tokens(out.logits[:, -1, :].float(), [s.row for s in new], self._shared_gen)
+        self._cache, self._mask = merge(self._cache, self._mask, cache, mask.to(self.device))
+        self._rows.extend(new)
+        self._accept(new, picked)
+
+    def _decode(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[s.row.output_ids[-1]] for s in rows], device=self.device)
+        positions = torch.tensor([[s.position] for s in rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
+                         past_key_values=self._cache, use_cache=True)
+        picked = pick_tokens(out.logits[:, -1, :].float(), [s.row for s in rows], self._shared_gen)
+        self._accept(rows, picked)
+
+    def _accept(self, seqs: list[Sequence], picked) -> None:
+        now = time.perf_counter()
+        for seq, token, lp in zip(seqs, picked.tokens, picked.logprobs):
+            if seq.aborted:
+                continue
+            seq.row.output_ids.append(token)
+            params = seq.req.params
+            finish = None
+            text = ""
+            hit = False
+            if token in seq.extra_stop_ids or (token in self.eos_ids and not params.ignore_eos):
+                finish = "stop"
+            else:
+                delta = seq.detok.add(token)
+                text, hit = seq.stops.check(seq.detok.text, len(delta))
+                if hit:
+                    finish = "stop"
+            if finish is None and (len(seq.row.output_ids) >= params.max_tokens
+                                   or seq.position + 1 >= self.max_model_len):
+                finish = "length"
+            if finish is not None and not hit:  # release text held back for a stop string
+                seq.detok.finish()
+                text += seq.stops.flush(seq.detok.text)
+            seq.req.stats.token_emitted(now)
+            chunk = Chunk(text, [token], self._logprobs(token, lp) if lp is not None else None, finish)
+            if finish is not None:
+                self._finish(seq, chunk)
+            else:
+                seq.emit(chunk)
+
+    def _logprobs(self, token: int, lp) -> list[TokenLogprob]:
+        value, top = lp
+        dec = self.tokenizer.decode
+        return [TokenLogprob(dec([token]), value, [(dec([t]), v) for t, v in top])]
+
+    def _finish(self, seq: Sequence, chunk: Chunk) -> None:
+        seq.done = True
+        seq.req.stats.finish_reason = chunk.finish_reason
+        seq.req.stats.finished = time.perf_counter()
+        with self._cond:
+            self._by_id.pop(seq.req.request_id, None)
+        seq.emit(chunk)
+
+    def _drop_finished(self) -> None:
+        for seq in self._rows:
+            if seq.aborted and not seq.done:
+                self._finish(seq, Chunk("", [], finish_reason="abort"))
+        keep = [i for i, s in enumerate(self._rows) if not s.done]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._cache.select(index)
+        self._mask = self._mask.index_select(0, index)
+        used = torch.nonzero(self._mask.sum(0) > 0)
+        first = int(used[0]) if len(used) else 0
+        if first >= _TRIM_MIN_COLUMNS:  # columns only padding now; stop attending over them
+            self._cache.drop_front(first)
+            self._mask = self._mask[:, first:]
+
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
+        error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        for seq in seqs:
+            if not seq.done:
+                seq.done = True
+                with self._cond:
+                    self._by_id.pop(seq.req.request_id, None)
+                seq.emit(error)
+        failed = {id(s) for s in seqs}
+        self._rows = [s for s in self._rows if id(s) not in failed]
+        if not self._rows:
+            self._cache, self._mask = None, None

@@ -1,0 +1,144 @@
+"""The PyTorch engine: a transformers causal LM behind the Engine interface.
+
+The model runs in the BatchScheduler's worker thread (continuous batching, see scheduler.py);
+this class loads it, tokenizes, and bridges the thread's output to asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from server.engines.base import Chunk, EngineStats, GenerationRequest
+from server.engines.scheduler import BatchScheduler
+from server.errors import BadRequest, ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError("device", str(exc)) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA was asked for but none is available")
+    return device
+
+
+def pick_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    dtype = config_dtype if isinstance(config_dtype, torch.dtype) else _DTYPES.get(str(config_dtype), torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32  # fp16 matmuls are slow or missing on CPUs; bf16 and fp32 are not
+    return dtype
+
+
+class TorchEngine:
+    def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
+                 max_prefill_tokens: int, device: torch.device, source: str = ""):
+        self.model_id = model_id
+        self.source = source
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_model_len = max_model_len
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        self._scheduler = BatchScheduler(
+            model, tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_prefill_tokens=max_prefill_tokens, device=device, pad_id=pad,
+        )
+
+    @classmethod
+    def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", device: str = "auto",
+             max_model_len: int | None = None, max_num_seqs: int = 32, max_prefill_tokens: int = 8192,
+             trust_remote_code: bool = False) -> "TorchEngine":
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        dev = pick_device(device)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("model", f"cannot load a model config from {path!s}: {exc}") from exc
+        torch_dtype = pick_dtype(dtype, getattr(config, "dtype", None), dev)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("model", f"{path!s} is not a loadable causal LM: {exc}") from exc
+        model.to(dev).eval()
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
+        if max_model_len is not None and max_model_len > limit:
+            raise ConfigError("max_model_len", f"{max_model_len} is above the model's {limit} positions")
+        log.info("loaded %s (%s, %s) on %s", model_id, path, torch_dtype, dev)
+        return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
+                   max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path))
+
+    # ---- tokenizer ------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest(f"model {self.model_id} has no chat template; use /v1/completions", param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **template_kwargs)
+        except Exception as exc:  # jinja raises its own errors for messages the template refuses
+            raise BadRequest(f"chat template failed: {exc}", param="messages") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- generation -----------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the consumer went away (client disconnect): stop generating
+                self._scheduler.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._scheduler.abort(request_id)
+
+    def health(self) -> bool:
+        return self._scheduler.alive()
+
+    def stats(self) -> EngineStats:
+        running, waiting, kv = self._scheduler.counts()
+        return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv)
+
+    async def start(self) -> None:
+        self._scheduler.start()
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._scheduler.stop)

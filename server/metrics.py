@@ -1,0 +1,76 @@
+"""Every Prometheus object slimserve exposes. Code hands this class stats; it alone touches prometheus_client."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.engines.base import EngineStats, RequestStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("slimserve_requests", "Finished requests by model, adapter and HTTP status.",
+                                ["model", "adapter", "status"], registry=r)
+        self.finish = Counter("slimserve_request_finish", "Finished generations by finish reason.",
+                              ["model", "reason"], registry=r)
+        self.e2e = Histogram("slimserve_e2e_request_latency_seconds", "Arrival to last token.",
+                             ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("slimserve_time_to_first_token_seconds", "Arrival to first generated token.",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("slimserve_inter_token_latency_seconds", "Time between consecutive tokens.",
+                             ["model"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.queue = Histogram("slimserve_request_queue_time_seconds", "Arrival to leaving the waiting queue.",
+                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("slimserve_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generation_tokens = Counter("slimserve_generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.running = Gauge("slimserve_num_requests_running", "Sequences in the running batch.", ["model"], registry=r)
+        self.waiting = Gauge("slimserve_num_requests_waiting", "Requests waiting to be scheduled.", ["model"],
+                             registry=r)
+        self.kv_tokens = Gauge("slimserve_kv_cache_tokens", "Token slots held in the KV cache.", ["model"],
+                               registry=r)
+        self.rss = Gauge("slimserve_process_resident_memory_bytes", "Resident memory of the server process.",
+                         registry=r)
+        self.weights = Gauge("slimserve_model_weight_bytes", "Bytes of weights of each loaded model.", ["model"],
+                             registry=r)
+        self._process = psutil.Process(os.getpid())
+
+    def model_loaded(self, model: str, weight_bytes: int) -> None:
+        self.weights.labels(model).set(weight_bytes)
+
+    def record(self, choices: list[RequestStats], status: int) -> None:
+        """Record one finished HTTP request (success, error or abort) from the stats of its choices."""
+        first = choices[0]
+        m = first.model
+        self.requests.labels(m, first.adapter, str(status)).inc()
+        for stats in choices:
+            if stats.finish_reason:
+                self.finish.labels(m, stats.finish_reason).inc()
+            self.prompt_tokens.labels(m).inc(stats.prompt_tokens)
+            self.generation_tokens.labels(m).inc(stats.completion_tokens)
+            for gap in stats.inter_token:
+                self.itl.labels(m).observe(gap)
+        if first.scheduled is not None:
+            self.queue.labels(m).observe(first.scheduled - first.arrival)
+        firsts = [s.first_token for s in choices if s.first_token is not None]
+        if firsts:
+            self.ttft.labels(m).observe(min(firsts) - first.arrival)
+        ends = [s.finished or s.last_token for s in choices]
+        if status == 200 and all(e is not None for e in ends):
+            self.e2e.labels(m).observe(max(ends) - first.arrival)
+
+    def render(self, engines: dict[str, EngineStats]) -> bytes:
+        """Refresh the gauges read at scrape time, then render the text exposition."""
+        for model, s in engines.items():
+            self.running.labels(model).set(s.running)
+            self.waiting.labels(model).set(s.waiting)
+            self.kv_tokens.labels(model).set(s.kv_cache_tokens)
+        self.rss.set(self._process.memory_info().rss)
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Thin HTTP handlers; the work lives in serving.py and the engines."""

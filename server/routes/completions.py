@@ -1,0 +1,87 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from server.auth import ClientAuth, State
+from server.engines.base import TokenLogprob
+from server.protocol import CompletionRequest, new_id, now, require, usage
+from server.routes.sse import event, sse_response
+from server.serving import plan, run_all, stream_all
+
+router = APIRouter(dependencies=[ClientAuth])
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State):
+    engine = state.engine_for(body.model)
+    prompts = []
+    for p in body.prompts():
+        if isinstance(p, str):
+            prompts.append(await asyncio.to_thread(engine.encode, p))
+        else:
+            require(all(0 <= t < 2**31 for t in p), "token ids must be non-negative integers", "prompt")
+            prompts.append(list(p))
+    requests = plan(engine, prompts, body, body.model, body.logprobs)
+    echoes = [engine.decode(p) if body.echo else "" for p in prompts]
+    rid, created = new_id("cmpl"), now()
+    if body.stream:
+        return sse_response(_stream(engine, requests, body, echoes, rid, created, state))
+    results = await run_all(engine, requests, request, state.metrics)
+    choices = []
+    for i, r in enumerate(results):
+        prefix = echoes[i // body.n]
+        choices.append({
+            "index": i,
+            "text": prefix + r.text,
+            "logprobs": _logprobs(r.logprobs, len(prefix)) if body.logprobs is not None else None,
+            "finish_reason": r.finish_reason,
+        })
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": usage(sum(len(p) for p in prompts) * body.n, sum(len(r.token_ids) for r in results)),
+    }
+
+
+async def _stream(engine, requests, body: CompletionRequest, echoes: list[str], rid: str, created: int, state
+                  ) -> AsyncIterator[str]:
+    def chunk(choices: list, **extra) -> str:
+        return event({"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                      "choices": choices, **extra})
+
+    offsets = [0] * len(requests)
+    if body.echo:
+        for i in range(len(requests)):
+            offsets[i] = len(echoes[i // body.n])
+            yield chunk([{"index": i, "text": echoes[i // body.n], "logprobs": None, "finish_reason": None}])
+    generated = 0
+    async for i, c in stream_all(engine, requests, state.metrics):
+        generated += len(c.token_ids)
+        if c.text or c.finish_reason or (body.logprobs is not None and c.logprobs):
+            lp = _logprobs(c.logprobs, offsets[i]) if body.logprobs is not None and c.logprobs else None
+            offsets[i] += len(c.text)
+            yield chunk([{"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}])
+    if body.stream_options and body.stream_options.include_usage:
+        prompt_tokens = sum(r.stats.prompt_tokens for r in requests)
+        yield chunk([], usage=usage(prompt_tokens, generated))
+
+
+def _logprobs(items: list[TokenLogprob], start: int) -> dict:
+    offsets, pos = [], start
+    for t in items:
+        offsets.append(pos)
+        pos += len(t.token)
+    return {
+        "tokens": [t.token for t in items],
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [dict(t.top) for t in items],
+        "text_offset": offsets,
+    }

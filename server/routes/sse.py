@@ -1,0 +1,33 @@
+"""Server-sent events in the shape OpenAI clients parse."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from server.errors import APIError, EngineError
+
+log = logging.getLogger(__name__)
+
+
+def event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for item in events:
+                yield item
+        except APIError as exc:
+            yield event(exc.body())
+        except Exception as exc:  # headers are gone: report the error in-band, then end the stream
+            log.exception("stream failed")
+            yield event(EngineError(f"generation failed: {type(exc).__name__}").body())
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(guarded(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

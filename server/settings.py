@@ -1,0 +1,97 @@
+"""Serve settings: the only place that reads environment variables and serve.yaml.
+
+Priority, highest first: command-line flags, `SLIMSERVE_*` environment variables, the YAML file,
+the defaults below. A bad value stops start-up with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
+
+from server.default_model import DEFAULT_MODEL_ID
+from server.errors import ConfigError
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "slimserve"
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="forbid", protected_namespaces=())
+
+    model: str = Field(DEFAULT_MODEL_ID, description="local model folder, hub id, or the embedded default")
+    served_model_name: str | None = Field(None, description="id clients use; defaults to the model's name")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    engine: Literal["torch"] = "torch"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    max_model_len: int | None = Field(None, ge=16)
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="sequences decoded together in one batch")
+    max_prefill_tokens: int = Field(8192, ge=16, description="padded prompt tokens admitted per prefill step")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    trust_remote_code: bool = False
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):  # SLIMSERVE_API_KEYS="k1,k2"
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, value: list[str]) -> list[str]:
+        if any(not k for k in value):
+            raise ValueError("API keys must not be empty")
+        return value
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or _name_of(self.model)
+
+
+def _name_of(model: str) -> str:
+    if model == DEFAULT_MODEL_ID:
+        return model
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of setting: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings:
+    """Build settings from flags (`overrides`, None meaning unset), env and the YAML file."""
+    yaml_values = _read_yaml(Path(config)) if config else {}
+    flags = {k: v for k, v in overrides.items() if v is not None and v != []}
+
+    class _Layered(ServeSettings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):
+            return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=yaml_values)
+
+    try:
+        layered = _Layered(**flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        setting = ".".join(str(p) for p in err["loc"]) or "settings"
+        hint = " (unknown setting)" if err["type"] == "extra_forbidden" else ""
+        raise ConfigError(setting, f"{err['msg']}{hint}; got {err.get('input')!r}") from exc
+    return ServeSettings.model_construct(**layered.model_dump())

@@ -1,0 +1,127 @@
+"""Chat completions through the official openai client against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import TINY
+
+MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+def _chat(client, **kw):
+    return client.chat.completions.create(model=TINY, messages=MESSAGES, **kw)
+
+
+def test_chat_returns_text_usage_and_finish_reason(client):
+    r = _chat(client, max_tokens=12, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == TINY
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0
+    assert 0 < r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_max_tokens_is_respected(client):
+    r = _chat(client, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_streamed_text_equals_non_streamed_under_greedy(client):
+    full = _chat(client, max_tokens=24, temperature=0)
+    stream = _chat(client, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True})
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(parts) == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_concurrent_greedy_requests_match_sequential(client, async_client):
+    prompts = [f"Tell me about number {i}. " * (1 + i % 4) for i in range(16)]
+
+    def messages(p):
+        return [{"role": "user", "content": p}]
+
+    sequential = [
+        client.chat.completions.create(model=TINY, messages=messages(p), max_tokens=16, temperature=0)
+        .choices[0].message.content
+        for p in prompts
+    ]
+
+    async def run_all():
+        calls = [async_client.chat.completions.create(model=TINY, messages=messages(p), max_tokens=16, temperature=0)
+                 for p in prompts]
+        return [r.choices[0].message.content for r in await asyncio.gather(*calls)]
+
+    concurrent = asyncio.run(run_all())
+    assert concurrent == sequential
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(client):
+    a = _chat(client, max_tokens=16, temperature=1.0, seed=1234).choices[0].message.content
+    b = _chat(client, max_tokens=16, temperature=1.0, seed=1234).choices[0].message.content
+    c = _chat(client, max_tokens=16, temperature=1.0, seed=4321).choices[0].message.content
+    assert a == b
+    assert a != c
+
+
+def test_stop_string_cuts_the_output(client):
+    full = _chat(client, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = _chat(client, max_tokens=24, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    text = cut.choices[0].message.content
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in text
+    assert full.startswith(text) and len(text) <= full.index(stop)
+
+
+def test_stop_string_in_stream_never_leaks(client):
+    full = _chat(client, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+    stop = full[4:7]
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in _chat(client, max_tokens=24, temperature=0, stop=stop, stream=True,
+                       extra_body={"ignore_eos": True})
+        if c.choices
+    )
+    assert streamed == full[: full.index(stop)]
+
+
+def test_logprobs_with_top_logprobs(client):
+    r = _chat(client, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for item in content:
+        assert item.logprob <= 0
+        assert len(item.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert abs(item.top_logprobs[0].logprob - item.logprob) < 1e-4
+
+
+def test_n_choices(client):
+    r = _chat(client, max_tokens=6, temperature=1.0, n=3, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+
+
+def test_stop_token_ids(client, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    r = _chat(client, max_tokens=6, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
+    pieces = [c.token for c in r.choices[0].logprobs.content]
+    third = [i for i in range(len(tok)) if tok.decode([i]) == pieces[2]]
+    assert third, "the generated token should be in the vocabulary"
+    cut = _chat(client, max_tokens=6, temperature=0, extra_body={"ignore_eos": True, "stop_token_ids": third})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens == 3
+    assert cut.choices[0].message.content == "".join(pieces[:2])
