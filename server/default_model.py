@@ -68,6 +68,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     del loaded
     steps.update()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared and mounted
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

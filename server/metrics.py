@@ -40,6 +40,9 @@ class Metrics:
                          registry=r)
         self.weights = Gauge("slimserve_model_weight_bytes", "Bytes of weights of each loaded model.", ["model"],
                              registry=r)
+        self.engine_aborts = Counter("slimserve_engine_aborted_sequences", "Sequences the engine stopped early "
+                                     "because their client went away.", ["model"], registry=r)
+        self._seen_aborts: dict[str, int] = {}
         self._process = psutil.Process(os.getpid())
 
     def model_loaded(self, model: str, weight_bytes: int) -> None:
@@ -72,5 +75,7 @@ class Metrics:
             self.running.labels(model).set(s.running)
             self.waiting.labels(model).set(s.waiting)
             self.kv_tokens.labels(model).set(s.kv_cache_tokens)
+            self.engine_aborts.labels(model).inc(max(0, s.aborted - self._seen_aborts.get(model, 0)))
+            self._seen_aborts[model] = s.aborted
         self.rss.set(self._process.memory_info().rss)
         return generate_latest(self.registry)

@@ -83,7 +83,7 @@ async def run_all(engine: Engine, requests: list[GenerationRequest], http: Reque
         watcher.cancel()
         for t in tasks:
             t.cancel()  # cancelling a generate() aborts its sequence in the engine
-        metrics.record([r.stats for r in requests], status)
+        _record(metrics, requests, status)
 
 
 async def stream_all(engine: Engine, requests: list[GenerationRequest], metrics: Metrics
@@ -125,7 +125,14 @@ async def stream_all(engine: Engine, requests: list[GenerationRequest], metrics:
     finally:
         for t in tasks:
             t.cancel()
-        metrics.record([r.stats for r in requests], status)
+        _record(metrics, requests, status)
+
+
+def _record(metrics: Metrics, requests: list[GenerationRequest], status: int) -> None:
+    for r in requests:
+        if r.stats.finish_reason is None:
+            r.stats.finish_reason = "abort" if status == CLIENT_CLOSED else "error"
+    metrics.record([r.stats for r in requests], status)
 
 
 def _add(result: ChoiceResult, chunk: Chunk) -> None:

@@ -84,6 +84,7 @@ class EngineStats:
     running: int
     waiting: int
     kv_cache_tokens: int = 0
+    aborted: int = 0  # cumulative: sequences stopped because their client went away
 
 
 class Engine(Protocol):

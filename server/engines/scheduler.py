@@ -68,6 +68,7 @@ class BatchScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.aborted = 0  # sequences stopped early because their client went away
 
     # ---- called from the event loop -------------------------------------------------------------
     def submit(self, req: GenerationRequest, emit: Emit) -> None:
@@ -220,6 +221,8 @@ class BatchScheduler:
         return [TokenLogprob(dec([token]), value, [(dec([t]), v) for t, v in top])]
 
     def _finish(self, seq: Sequence, chunk: Chunk) -> None:
+        if chunk.finish_reason == "abort":
+            self.aborted += 1
         seq.done = True
         seq.req.stats.finish_reason = chunk.finish_reason
         seq.req.stats.finished = time.perf_counter()

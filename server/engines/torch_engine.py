@@ -135,7 +135,7 @@ class TorchEngine:
 
     def stats(self) -> EngineStats:
         running, waiting, kv = self._scheduler.counts()
-        return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv)
+        return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, aborted=self._scheduler.aborted)
 
     async def start(self) -> None:
         self._scheduler.start()

@@ -1,0 +1,53 @@
+"""/metrics parses as Prometheus text and its counters move with traffic."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import TINY
+
+
+def _samples(base_url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(base_url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_after_requests(server, client):
+    before = _samples(server.base_url)
+    client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                   temperature=0, extra_body={"ignore_eos": True})
+    list(client.completions.create(model=TINY, prompt="Hello", max_tokens=4, stream=True, temperature=0,
+                                   extra_body={"ignore_eos": True}))
+    httpx.post(server.base_url + "/v1/completions", json={"model": TINY, "prompt": "x", "max_tokens": 9999})
+    after = _samples(server.base_url)
+
+    ok = dict(model=TINY, adapter="", status="200")
+    assert _value(after, "slimserve_requests_total", **ok) - _value(before, "slimserve_requests_total", **ok) == 2
+    assert _value(after, "slimserve_generation_tokens_total", model=TINY) - \
+        _value(before, "slimserve_generation_tokens_total", model=TINY) == 9
+    assert _value(after, "slimserve_prompt_tokens_total", model=TINY) > \
+        _value(before, "slimserve_prompt_tokens_total", model=TINY)
+    for hist in ("slimserve_time_to_first_token_seconds", "slimserve_e2e_request_latency_seconds",
+                 "slimserve_request_queue_time_seconds"):
+        assert _value(after, hist + "_count", model=TINY) - _value(before, hist + "_count", model=TINY) == 2
+    assert _value(after, "slimserve_inter_token_latency_seconds_count", model=TINY) - \
+        _value(before, "slimserve_inter_token_latency_seconds_count", model=TINY) == 7
+    assert _value(after, "slimserve_process_resident_memory_bytes") > 10_000_000
+    assert _value(after, "slimserve_model_weight_bytes", model=TINY) > 0
+    assert ("slimserve_num_requests_running", (("model", TINY),)) in after
+    assert ("slimserve_num_requests_waiting", (("model", TINY),)) in after
+
+
+def test_health_and_ready(server):
+    assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+    r = httpx.get(server.base_url + "/ready")
+    assert r.status_code == 200 and r.json()["ready"] is True
