@@ -13,7 +13,8 @@ from server import __version__
 from server.engines.base import Engine
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.routes import chat, completions, health, models
+from adapters.registry import AdapterRegistry
+from server.routes import adapters, chat, completions, health, models
 from server.settings import ServeSettings
 from server.state import AppState
 
@@ -35,6 +36,14 @@ def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None
         for model_id, engine in state.engines.items():
             await engine.start()
             state.metrics.model_loaded(model_id, engine.weight_bytes)
+            if hasattr(engine, "install_adapter"):
+                state.adapters[model_id] = AdapterRegistry(
+                    model_id, engine, roots=settings.adapter_roots, max_loras=settings.max_loras,
+                    max_rank=settings.max_lora_rank, events=state.metrics)
+        if settings.lora:
+            registry = state.registry()
+            for name, path in settings.lora_pairs():  # operator-given: pinned, and may live outside the roots
+                await registry.load(name, path, pinned=True, source="startup")
         state.ready = True
         log.info("serving %s", ", ".join(state.engines))
         try:
@@ -47,6 +56,6 @@ def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None
     app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
     app.state.slim = state
     install_error_handlers(app)
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, adapters, health):
         app.include_router(module.router)
     return app

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.errors import Unauthorized
+from server.errors import Forbidden, Unauthorized
 from server.state import AppState
 
 
@@ -37,5 +37,19 @@ def require_client_key(request: Request, state: Annotated[AppState, Depends(get_
                            code="invalid_api_key")
 
 
+def require_admin_key(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
+    admin = state.settings.admin_key
+    if admin is None:
+        raise Forbidden("runtime adapter changes are disabled; start the server with --admin-key")
+    given = _bearer(request)
+    if key_matches(given, [admin]):
+        return
+    if key_matches(given, state.settings.api_keys):
+        raise Forbidden("this route needs the admin key; a client key is not enough")
+    raise Unauthorized("missing or invalid admin key; send 'Authorization: Bearer <admin key>'",
+                       code="invalid_api_key")
+
+
 State = Annotated[AppState, Depends(get_state)]
 ClientAuth = Depends(require_client_key)
+AdminAuth = Depends(require_admin_key)

@@ -28,6 +28,12 @@ def _serve_parser(sub) -> None:
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--log-level")
+    p.add_argument("--lora", action="append", help="NAME=PATH: a pinned adapter loaded at start; repeatable")
+    p.add_argument("--adapter-root", dest="adapter_roots", action="append", type=Path,
+                   help="folder whose adapters may be loaded at runtime and just in time; repeatable")
+    p.add_argument("--max-loras", type=int, help="adapters resident at once (least recently used evicted)")
+    p.add_argument("--max-lora-rank", type=int)
+    p.add_argument("--admin-key", help="key for /v1/load_lora_adapter and /v1/unload_lora_adapter")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -86,6 +86,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from adapters.loader import AdapterError
+
+    @app.exception_handler(AdapterError)
+    async def _adapter(_: Request, exc: AdapterError) -> JSONResponse:
+        kind = {403: "permission_error", 404: "not_found_error", 503: "service_unavailable"}.get(
+            exc.status, "invalid_request_error")
+        return JSONResponse(error_body(str(exc), kind, "lora_path" if exc.status != 404 else None, exc.reason),
+                            status_code=exc.status)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code)

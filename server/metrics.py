@@ -40,10 +40,42 @@ class Metrics:
                          registry=r)
         self.weights = Gauge("slimserve_model_weight_bytes", "Bytes of weights of each loaded model.", ["model"],
                              registry=r)
+        self.adapter_loads = Counter("slimserve_adapter_loads", "Adapters loaded.", ["model"], registry=r)
+        self.adapter_unloads = Counter("slimserve_adapter_unloads", "Adapters removed, by reason (unload, evict).",
+                                       ["model", "reason"], registry=r)
+        self.adapter_failures = Counter("slimserve_adapter_load_failures", "Adapter loads refused, by reason.",
+                                        ["model", "reason"], registry=r)
+        self.adapter_load_time = Histogram("slimserve_adapter_load_seconds", "Validate and install one adapter.",
+                                           ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.adapters_resident = Gauge("slimserve_adapters_resident", "Adapters resident per base model.",
+                                       ["model"], registry=r)
+        self.adapter_bytes = Gauge("slimserve_adapter_bytes", "Bytes of resident adapter weights per base model.",
+                                   ["model"], registry=r)
+        self._adapter_bytes: dict[tuple[str, str], int] = {}
         self.engine_aborts = Counter("slimserve_engine_aborted_sequences", "Sequences the engine stopped early "
                                      "because their client went away.", ["model"], registry=r)
         self._seen_aborts: dict[str, int] = {}
         self._process = psutil.Process(os.getpid())
+
+    # adapter events (the registry calls these)
+    def adapter_loaded(self, base: str, name: str, seconds: float, nbytes: int) -> None:
+        self.adapter_loads.labels(base).inc()
+        self.adapter_load_time.labels(base).observe(seconds)
+        self._adapter_bytes[(base, name)] = nbytes
+        self._refresh_adapters(base)
+
+    def adapter_unloaded(self, base: str, name: str, reason: str) -> None:
+        self.adapter_unloads.labels(base, reason).inc()
+        self._adapter_bytes.pop((base, name), None)
+        self._refresh_adapters(base)
+
+    def adapter_failed(self, base: str, reason: str) -> None:
+        self.adapter_failures.labels(base, reason).inc()
+
+    def _refresh_adapters(self, base: str) -> None:
+        sizes = [b for (m, _), b in self._adapter_bytes.items() if m == base]
+        self.adapters_resident.labels(base).set(len(sizes))
+        self.adapter_bytes.labels(base).set(sum(sizes))
 
     def model_loaded(self, model: str, weight_bytes: int) -> None:
         self.weights.labels(model).set(weight_bytes)

@@ -36,15 +36,32 @@ class ServeSettings(BaseSettings):
     max_prefill_tokens: int = Field(8192, ge=16, description="padded prompt tokens admitted per prefill step")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trust_remote_code: bool = False
+    lora: Annotated[list[str], NoDecode] = Field(default_factory=list, description="NAME=PATH adapters, pinned")
+    adapter_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    max_loras: int = Field(8, ge=1, le=1024, description="adapters resident at once")
+    max_lora_rank: int = Field(64, ge=1, le=1024)
+    admin_key: str | None = Field(None, min_length=1, description="key for adapter load/unload")
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "lora", "adapter_roots", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _split_lists(cls, value: Any) -> Any:
         if isinstance(value, str):  # SLIMSERVE_API_KEYS="k1,k2"
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("lora")
+    @classmethod
+    def _name_equals_path(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"expected NAME=PATH, got {item!r}")
+        return value
+
+    def lora_pairs(self) -> list[tuple[str, Path]]:
+        return [(i.partition("=")[0], Path(i.partition("=")[2]).expanduser()) for i in self.lora]
 
     @field_validator("api_keys")
     @classmethod

@@ -1,9 +1,11 @@
-"""What the running app holds: settings, engines by served id, metrics. Built in create_app, never at import."""
+"""What the running app holds: settings, engines by served id, adapter registries, metrics.
+Built in create_app, never at import."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from adapters.registry import AdapterRegistry
 from server.engines.base import Engine
 from server.errors import NotFound, Overloaded
 from server.metrics import Metrics
@@ -11,19 +13,42 @@ from server.settings import ServeSettings
 
 
 @dataclass
+class Target:
+    """What a request's `model` field names: a base model, and maybe one of its adapters."""
+
+    engine: Engine
+    base: str
+    adapter: str | None = None
+
+
+@dataclass
 class AppState:
     settings: ServeSettings
     metrics: Metrics
     engines: dict[str, Engine] = field(default_factory=dict)
+    adapters: dict[str, AdapterRegistry] = field(default_factory=dict)  # base model id -> its adapters
     ready: bool = False
     created: int = 0
 
-    def engine_for(self, model: str) -> Engine:
+    async def resolve(self, model: str) -> Target:
         if not self.ready:
             raise Overloaded("the server is starting; models are not loaded yet")
         engine = self.engines.get(model)
-        if engine is None:
-            known = ", ".join(sorted(self.engines)) or "none"
-            raise NotFound(f"the model '{model}' does not exist; served models: {known}", param="model",
-                           code="model_not_found")
-        return engine
+        if engine is not None:
+            return Target(engine, model)
+        for base, registry in self.adapters.items():
+            ref = await registry.resolve(model)
+            if ref is not None:
+                return Target(self.engines[base], base, ref.name)
+        known = ", ".join(sorted([*self.engines, *(r.name for reg in self.adapters.values() for r in reg.list())]))
+        raise NotFound(f"the model '{model}' does not exist; served models: {known or 'none'}", param="model",
+                       code="model_not_found")
+
+    def registry(self, base: str | None = None) -> AdapterRegistry:
+        if base is None:
+            if not self.adapters:
+                raise NotFound("no model here serves adapters", param="base_model")
+            return next(iter(self.adapters.values()))
+        if base not in self.adapters:
+            raise NotFound(f"the base model '{base}' does not exist", param="base_model")
+        return self.adapters[base]

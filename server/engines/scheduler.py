@@ -38,6 +38,7 @@ class Sequence:
     aborted: bool = False
     done: bool = False
     extra_stop_ids: set[int] = field(default_factory=set)
+    slot: int | None = None  # LoRA slot, held from submit to finish
 
     @property
     def position(self) -> int:
@@ -47,7 +48,7 @@ class Sequence:
 
 class BatchScheduler:
     def __init__(self, model, tokenizer, *, eos_ids: set[int], max_model_len: int, max_num_seqs: int,
-                 max_prefill_tokens: int, device: torch.device, pad_id: int):
+                 max_prefill_tokens: int, device: torch.device, pad_id: int, lora=None, slots=None):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -56,6 +57,8 @@ class BatchScheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.device = device
         self.pad_id = pad_id
+        self.lora = lora  # LoRAManager: which rows use which adapter
+        self.slots = slots  # AdapterSlots: reference counts released when a sequence ends
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self._cond = threading.Condition()
         self._pending: deque[Sequence] = deque()
@@ -71,7 +74,7 @@ class BatchScheduler:
         self.aborted = 0  # sequences stopped early because their client went away
 
     # ---- called from the event loop -------------------------------------------------------------
-    def submit(self, req: GenerationRequest, emit: Emit) -> None:
+    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None) -> None:
         gen = None
         if req.params.seed is not None:
             gen = torch.Generator(device="cpu")
@@ -81,7 +84,7 @@ class BatchScheduler:
             row=RowState(req.params, gen, [], list(req.prompt_token_ids)),
             detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStrings(req.params.stop),
-            extra_stop_ids=set(req.params.stop_token_ids),
+            extra_stop_ids=set(req.params.stop_token_ids), slot=slot,
         )
         with self._cond:
             if self._stopping:
@@ -167,6 +170,7 @@ class BatchScheduler:
             mask[i, width - lengths[i]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = BatchCache(self.num_layers)
+        self._route_adapters(new)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
@@ -180,10 +184,15 @@ class BatchScheduler:
         ids = torch.tensor([[s.row.output_ids[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.position] for s in rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        self._route_adapters(rows)
         out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
                          past_key_values=self._cache, use_cache=True)
         picked = pick_tokens(out.logits[:, -1, :].float(), [s.row for s in rows], self._shared_gen)
         self._accept(rows, picked)
+
+    def _route_adapters(self, seqs: list[Sequence]) -> None:
+        if self.lora is not None:
+            self.lora.groups.set([s.slot for s in seqs], self.device)
 
     def _accept(self, seqs: list[Sequence], picked) -> None:
         now = time.perf_counter()
@@ -224,11 +233,17 @@ class BatchScheduler:
         if chunk.finish_reason == "abort":
             self.aborted += 1
         seq.done = True
+        self._release(seq)
         seq.req.stats.finish_reason = chunk.finish_reason
         seq.req.stats.finished = time.perf_counter()
         with self._cond:
             self._by_id.pop(seq.req.request_id, None)
         seq.emit(chunk)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None and self.slots is not None:
+            self.slots.release(seq.slot)
+            seq.slot = None
 
     def _drop_finished(self) -> None:
         for seq in self._rows:
@@ -255,6 +270,7 @@ class BatchScheduler:
         for seq in seqs:
             if not seq.done:
                 seq.done = True
+                self._release(seq)
                 with self._cond:
                     self._by_id.pop(seq.req.request_id, None)
                 seq.emit(error)

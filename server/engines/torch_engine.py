@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from server.engines.base import Chunk, EngineStats, GenerationRequest
+from server.engines.lora import AdapterSlots, LoRAManager
 from server.engines.scheduler import BatchScheduler
-from server.errors import BadRequest, ConfigError
+from server.errors import BadRequest, ConfigError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,12 @@ class TorchEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        self.lora = LoRAManager(model, dtype=torch.float32 if device.type == "cpu" else _param_dtype(model))
+        self.adapter_slots = AdapterSlots(self.lora)
         self._scheduler = BatchScheduler(
             model, tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_prefill_tokens=max_prefill_tokens, device=device, pad_id=pad,
+            max_prefill_tokens=max_prefill_tokens, device=device, pad_id=pad, lora=self.lora,
+            slots=self.adapter_slots,
         )
 
     @classmethod
@@ -111,7 +115,17 @@ class TorchEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-        self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        slot = None
+        if request.adapter:
+            slot = self.adapter_slots.acquire(request.adapter)
+            if slot is None:
+                raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
+        try:
+            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot)
+        except BaseException:
+            if slot is not None:
+                self.adapter_slots.release(slot)
+            raise
         finished = False
         try:
             while True:
@@ -126,6 +140,19 @@ class TorchEngine:
         finally:
             if not finished:  # the consumer went away (client disconnect): stop generating
                 self._scheduler.abort(request.request_id)
+
+    # ---- adapters (the registry's backend) ------------------------------------------------------
+    def base_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.lora.base_shapes()
+
+    def install_adapter(self, weights) -> None:
+        self.adapter_slots.install(weights.name, weights.modules, weights.scale)
+
+    def uninstall_adapter(self, name: str) -> None:
+        self.adapter_slots.uninstall(name)
+
+    def adapter_in_use(self, name: str) -> bool:
+        return self.adapter_slots.in_use(name)
 
     def abort(self, request_id: str) -> None:
         self._scheduler.abort(request_id)
@@ -142,3 +169,10 @@ class TorchEngine:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._scheduler.stop)
+
+
+def _param_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

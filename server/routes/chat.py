@@ -18,11 +18,12 @@ router = APIRouter(dependencies=[ClientAuth])
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    engine = state.engine_for(body.model)
+    target = await state.resolve(body.model)
+    engine = target.engine
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
     ids = await asyncio.to_thread(engine.render_chat, messages, body.add_generation_prompt,
                                   **(body.chat_template_kwargs or {}))
-    requests = plan(engine, [ids], body, body.model, body.logprobs_count())
+    requests = plan(engine, [ids], body, target.base, body.logprobs_count(), target.adapter)
     rid, created = new_id("chatcmpl"), now()
     if body.stream:
         return sse_response(_stream(engine, requests, body, rid, created, state))

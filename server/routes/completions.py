@@ -18,7 +18,8 @@ router = APIRouter(dependencies=[ClientAuth])
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State):
-    engine = state.engine_for(body.model)
+    target = await state.resolve(body.model)
+    engine = target.engine
     prompts = []
     for p in body.prompts():
         if isinstance(p, str):
@@ -26,7 +27,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         else:
             require(all(0 <= t < 2**31 for t in p), "token ids must be non-negative integers", "prompt")
             prompts.append(list(p))
-    requests = plan(engine, prompts, body, body.model, body.logprobs)
+    requests = plan(engine, prompts, body, target.base, body.logprobs, target.adapter)
     echoes = [engine.decode(p) if body.echo else "" for p in prompts]
     rid, created = new_id("cmpl"), now()
     if body.stream:

@@ -1,4 +1,4 @@
-"""GET /v1/models."""
+"""GET /v1/models: base models, and each resident adapter with its parent."""
 
 from __future__ import annotations
 
@@ -10,26 +10,28 @@ from server.errors import NotFound
 router = APIRouter(dependencies=[ClientAuth])
 
 
-def _card(model_id: str, engine, created: int) -> dict:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "slimserve",
-        "root": getattr(engine, "source", "") or model_id,
-        "parent": None,
-        "max_model_len": engine.max_model_len,
-    }
+def _cards(state) -> list[dict]:
+    cards = []
+    for model_id, engine in state.engines.items():
+        cards.append({"id": model_id, "object": "model", "created": state.created, "owned_by": "slimserve",
+                      "root": getattr(engine, "source", "") or model_id, "parent": None,
+                      "max_model_len": engine.max_model_len})
+    for registry in state.adapters.values():
+        for ref in registry.list():
+            cards.append({"id": ref.name, "object": "model", "created": int(ref.loaded_at), "owned_by": "slimserve",
+                          "root": str(ref.path), "parent": ref.base, "max_model_len": state.engines[ref.base].max_model_len,
+                          "lora_rank": ref.rank, "pinned": ref.pinned, "source": ref.source})
+    return cards
 
 
 @router.get("/v1/models")
 async def list_models(state: State):
-    return {"object": "list", "data": [_card(m, e, state.created) for m, e in state.engines.items()]}
+    return {"object": "list", "data": _cards(state)}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: State):
-    engine = state.engines.get(model_id)
-    if engine is None:
-        raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-    return _card(model_id, engine, state.created)
+    for card in _cards(state):
+        if card["id"] == model_id:
+            return card
+    raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
