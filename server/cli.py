@@ -36,6 +36,59 @@ def _serve_parser(sub) -> None:
     p.add_argument("--admin-key", help="key for /v1/load_lora_adapter and /v1/unload_lora_adapter")
 
 
+def _adapters_parser(sub) -> None:
+    p = sub.add_parser("adapters", help="train LoRA adapters and fine-tune models")
+    asub = p.add_subparsers(dest="adapters_command", required=True)
+    t = asub.add_parser("train", help="fine-tune on a JSONL or text file",
+                        description="JSONL rows hold chat `messages`, `prompt`+`completion`, or `text`; a .txt file "
+                                    "is plain text. Answers (assistant turns, completions) alone carry the loss.")
+    t.add_argument("--base", default="smollm2-135m-instruct", help="base model folder or the embedded default")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--mode", choices=["lora", "partial", "full"], default="lora")
+    t.add_argument("--rank", "-r", type=int, default=16)
+    t.add_argument("--alpha", type=float, default=32.0)
+    t.add_argument("--dropout", type=float, default=0.05)
+    t.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    t.add_argument("--last-n-blocks", type=int, default=2, help="partial mode: train the last N decoder blocks")
+    t.add_argument("--train-modules", help="partial mode: regex over parameter names to train instead")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--eval-fraction", type=float, default=0.1)
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    import json
+
+    from adapters.train import TrainConfig, train
+    from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+
+    base = str(default_model_dir(args.cache_dir)) if args.base == DEFAULT_MODEL_ID else args.base
+    if not Path(base, "config.json").is_file():
+        raise ConfigError("base", f"{args.base} is not a model folder (no config.json)")
+    if not args.data.is_file():
+        raise ConfigError("data", f"no such file: {args.data}")
+    cfg = TrainConfig(
+        base=base, data=args.data, out=args.out, mode=args.mode, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+        last_n_blocks=args.last_n_blocks, train_modules=args.train_modules, epochs=args.epochs,
+        max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        seq_len=args.seq_len, eval_fraction=args.eval_fraction, save_every=args.save_every, seed=args.seed,
+        base_name=args.base,
+    )
+    report = train(cfg)
+    print(json.dumps({k: report[k] for k in ("mode", "steps", "tokens", "seconds", "held_out_loss")}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -56,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimserve", description="Serve compressed LLMs over the OpenAI API.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _adapters_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "adapters":
+            return _adapters(args)
     except ConfigError as exc:
         print(f"slimserve: {exc}", file=sys.stderr)
         return 2
