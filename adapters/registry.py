@@ -21,7 +21,7 @@ class AdapterBackend(Protocol):
 
     def base_shapes(self) -> dict[str, tuple[int, int]]: ...
 
-    def install_adapter(self, weights: LoRAWeights) -> None: ...
+    async def install_adapter(self, weights: LoRAWeights) -> None: ...
 
     def uninstall_adapter(self, name: str) -> None: ...
 
@@ -108,9 +108,13 @@ class AdapterRegistry:
         except AdapterError as exc:
             self._failed(exc.reason)
             raise
+        try:
+            await self.backend.install_adapter(weights)  # replaces in place when the name exists
+        except AdapterError as exc:
+            self._failed(exc.reason)
+            raise
         for victim in victims:
             self._drop(victim, "evict")
-        self.backend.install_adapter(weights)  # replaces in place when the name exists
         ref = AdapterRef(name, weights.path, self.base, pinned or (name in self.refs and self.refs[name].pinned),
                          source, weights.rank, weights.nbytes, time.time())
         self.refs[name] = ref

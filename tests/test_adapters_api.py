@@ -30,6 +30,11 @@ def lora_setup(tiny_model_dir, tmp_path_factory):
     for i, name in enumerate(["pinned", "a", "b", "c", "d", "jit1", "big"]):
         folders[name] = make_adapter(tiny_model_dir, root / name, seed=10 + i, rank=32 if name == "big" else 4)
     folders["stranger"] = make_adapter(tiny_model_dir, outside / "stranger", seed=99)
+    nan = make_adapter(tiny_model_dir, root / "nan", seed=5)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(nan / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, nan / "adapter_model.safetensors")
     pickled = shutil.copytree(folders["a"], root / "pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     return root, folders
@@ -216,6 +221,7 @@ def test_no_room_when_everything_is_pinned_or_busy(http, lora_setup):
     ("pickled", "pickled", 400, "pickle"),
     ("big", "big", 400, "max_lora_rank"),
     ("ghost", "ghost", 404, "does not exist"),
+    ("nan", "nan", 400, "NaN"),
 ])
 def test_hostile_loads_are_refused_and_server_keeps_serving(http, oai, lora_setup, name, path_key, status, needle):
     root, folders = lora_setup

@@ -25,9 +25,9 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, adapter_dirs):
     eng = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
-    for name, folder in adapter_dirs.items():
-        eng.install_adapter(load_lora(name, folder, eng.base_shapes(), max_rank=64))
     asyncio.run(eng.start())
+    for name, folder in adapter_dirs.items():
+        asyncio.run(eng.install_adapter(load_lora(name, folder, eng.base_shapes(), max_rank=64)))
     yield eng
     asyncio.run(eng.shutdown())
 
@@ -72,7 +72,7 @@ def test_mixed_batch_rows_equal_rows_alone(engine):
 
 def test_replace_keeps_running_request_and_frees_old_slot(engine, adapter_dirs):
     before = engine.adapter_slots.resident_slots()
-    engine.install_adapter(load_lora("a", adapter_dirs["b"], engine.base_shapes(), max_rank=64))
+    asyncio.run(engine.install_adapter(load_lora("a", adapter_dirs["b"], engine.base_shapes(), max_rank=64)))
     assert engine.adapter_slots.resident_slots() == before  # old slot freed at once: nobody used it
     assert _generate(engine, [(PROMPTS[0], "a")]) == _generate(engine, [(PROMPTS[0], "b")])
-    engine.install_adapter(load_lora("a", adapter_dirs["a"], engine.base_shapes(), max_rank=64))
+    asyncio.run(engine.install_adapter(load_lora("a", adapter_dirs["a"], engine.base_shapes(), max_rank=64)))

@@ -8,6 +8,7 @@ only ever sees Chunks pushed through `call_soon_threadsafe`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -62,6 +63,7 @@ class BatchScheduler:
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self._cond = threading.Condition()
         self._pending: deque[Sequence] = deque()
+        self._jobs: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
         self._rows: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
         self._cache: BatchCache | None = None
@@ -100,6 +102,18 @@ class BatchScheduler:
                 seq.aborted = True
                 self._cond.notify()
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` on the engine thread between steps. All torch work belongs on that one thread:
+        OpenMP slows every later step by ~40% once a second long-lived thread runs parallel ops."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or not self.alive():
+                future.set_exception(EngineError("engine is not running"))
+                return future
+            self._jobs.append((fn, future))
+            self._cond.notify()
+        return future
+
     def counts(self) -> tuple[int, int, int]:
         with self._cond:
             kv = 0 if self._cache is None else self._cache.length * len(self._rows)
@@ -123,11 +137,18 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._rows and not self._stopping:
+                while not self._pending and not self._rows and not self._jobs and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     break
+                jobs, self._jobs = list(self._jobs), deque()
                 new = self._admit()
+            for fn, future in jobs:
+                try:
+                    with torch.inference_mode():
+                        future.set_result(fn())
+                except BaseException as exc:  # the caller gets the error; the engine goes on
+                    future.set_exception(exc)
             try:
                 with torch.inference_mode():
                     if new:
@@ -141,6 +162,8 @@ class BatchScheduler:
                 log.exception("engine step failed")
                 self._fail(new + self._rows, exc)
         self._fail(list(self._pending) + self._rows, EngineError("engine stopped"))
+        for _, future in self._jobs:
+            future.set_exception(EngineError("engine stopped"))
 
     def _admit(self) -> list[Sequence]:
         new: list[Sequence] = []
@@ -192,7 +215,7 @@ class BatchScheduler:
 
     def _route_adapters(self, seqs: list[Sequence]) -> None:
         if self.lora is not None:
-            self.lora.groups.set([s.slot for s in seqs], self.device)
+            self.lora.begin_step([s.slot for s in seqs])
 
     def _accept(self, seqs: list[Sequence], picked) -> None:
         now = time.perf_counter()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.loader import AdapterError
 from server.engines.base import Chunk, EngineStats, GenerationRequest
 from server.engines.lora import AdapterSlots, LoRAManager
 from server.engines.scheduler import BatchScheduler
@@ -59,7 +60,7 @@ class TorchEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
-        self.lora = LoRAManager(model, dtype=torch.float32 if device.type == "cpu" else _param_dtype(model))
+        self.lora = LoRAManager(model, dtype=_param_dtype(model))
         self.adapter_slots = AdapterSlots(self.lora)
         self._scheduler = BatchScheduler(
             model, tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -145,8 +146,14 @@ class TorchEngine:
     def base_shapes(self) -> dict[str, tuple[int, int]]:
         return self.lora.base_shapes()
 
-    def install_adapter(self, weights) -> None:
-        self.adapter_slots.install(weights.name, weights.modules, weights.scale)
+    async def install_adapter(self, weights) -> None:
+        def install() -> None:  # on the engine thread, like every other torch operation
+            for module, (a, b) in weights.modules.items():
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise AdapterError(f"{weights.name}: {module} holds NaN or infinite values", reason="bad_weights")
+            self.adapter_slots.install(weights.name, weights.modules, weights.scale)
+
+        await asyncio.wrap_future(self._scheduler.call(install))
 
     def uninstall_adapter(self, name: str) -> None:
         self.adapter_slots.uninstall(name)

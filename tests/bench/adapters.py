@@ -86,6 +86,7 @@ async def spread(base_url: str, models: list[str], n: int, max_tokens: int) -> d
     results = await asyncio.gather(*[one(client, models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens)
                                      for i in range(n)])
     wall = time.perf_counter() - start
+    await client.close()
     tokens = sum(r["tokens"] for r in results)
     return {"models": len(models), "output_tokens_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
             "ttft_p50_s": round(statistics.median(r["ttft"] for r in results), 4)}

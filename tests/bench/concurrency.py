@@ -56,6 +56,7 @@ async def run_phase(base_url: str, model: str, n: int, max_tokens: int, concurre
     else:
         results = [await one(client, model, p, max_tokens) for p in prompts]
     wall = time.perf_counter() - start
+    await client.close()
     tokens = sum(r["tokens"] for r in results)
     return {
         "mode": "concurrent" if concurrent else "sequential",
