@@ -15,7 +15,7 @@ serve: install
 	$(VENV)/bin/slimserve serve $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -rs --timeout 900 tests
+	SLIMSERVE_REQUIRE_VLLM=1 $(PY) -m pytest -q -rs --timeout 900 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" --timeout 900 tests

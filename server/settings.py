@@ -28,7 +28,7 @@ class ServeSettings(BaseSettings):
     served_model_name: str | None = Field(None, description="id clients use; defaults to the model's name")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "vllm"] = "torch"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_model_len: int | None = Field(None, ge=16)
@@ -36,6 +36,14 @@ class ServeSettings(BaseSettings):
     max_prefill_tokens: int = Field(8192, ge=16, description="padded prompt tokens admitted per prefill step")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trust_remote_code: bool = False
+    # vLLM engine options, passed through to vLLM's engine arguments
+    quantization: str | None = Field(None, description="vLLM: gptq, awq, compressed-tensors, fp8, bitsandbytes ...")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM (on CPU: share of RAM)")
+    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20, description="vLLM: KV cache size")
+    enforce_eager: bool | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1)
+    speculative_config: dict[str, Any] | None = None
     lora: Annotated[list[str], NoDecode] = Field(default_factory=list, description="NAME=PATH adapters, pinned")
     adapter_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_loras: int = Field(8, ge=1, le=1024, description="adapters resident at once")
@@ -69,6 +77,11 @@ class ServeSettings(BaseSettings):
         if any(not k for k in value):
             raise ValueError("API keys must not be empty")
         return value
+
+    def vllm_options(self) -> dict[str, Any]:
+        keys = ("quantization", "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager",
+                "tensor_parallel_size", "max_cpu_loras", "speculative_config")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @property
     def model_id(self) -> str:

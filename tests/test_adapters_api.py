@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_factory import make_adapter
-from conftest import TINY
+from conftest import TINY, engine_flags
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 CLIENT = {"authorization": "Bearer client-key"}
@@ -41,12 +41,12 @@ def lora_setup(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lserver(start_server, tiny_model_dir, lora_setup):
+def lserver(start_server, tiny_model_dir, lora_setup, engine):
     root, folders = lora_setup
     return start_server([
         "--model", str(tiny_model_dir), "--served-model-name", TINY, "--dtype", "float32",
         "--adapter-root", str(root), "--admin-key", "admin-secret", "--api-key", "client-key",
-        "--max-loras", "3", "--max-lora-rank", "16", "--lora", f"pinned={folders['pinned']}",
+        "--max-loras", "3", "--max-lora-rank", "16", "--lora", f"pinned={folders['pinned']}", *engine_flags(engine),
     ])
 
 
@@ -168,7 +168,7 @@ def test_busy_adapter_is_not_evicted_and_replacement_keeps_running_request(lserv
     result = {}
 
     def long_stream():
-        stream = oai.completions.create(model="a", prompt="Hello", max_tokens=1500, temperature=0, stream=True,
+        stream = oai.completions.create(model="a", prompt="Hello", max_tokens=1900, temperature=0, stream=True,
                                         extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
         finish, usage = None, None
         for chunk in stream:
@@ -183,7 +183,7 @@ def test_busy_adapter_is_not_evicted_and_replacement_keeps_running_request(lserv
         deadline = time.monotonic() + 10
         while _metric(http, "slimserve_num_requests_running") < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        # "a" is busy and least recent: loading "c" must evict "b" instead
+        _complete(oai, "b", n=1)  # now "a" is the least recent, but busy: loading "c" must evict "b"
         assert _load(http, "c", folders["c"]).status_code == 200
         assert sorted(_resident(http)) == ["a", "c", "pinned"]
         # replace "a" in place while its request is still running
@@ -191,7 +191,7 @@ def test_busy_adapter_is_not_evicted_and_replacement_keeps_running_request(lserv
         assert _complete(oai, "a") == _direct(http, oai, folders["d"])
     finally:
         t.join(timeout=120)
-    assert result == {"finish": "length", "tokens": 1500}
+    assert result == {"finish": "length", "tokens": 1900}
 
 
 def _direct(http, oai, folder) -> str:

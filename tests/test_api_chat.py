@@ -113,15 +113,21 @@ def test_n_choices(client):
     assert [c.index for c in r.choices] == [0, 1, 2]
 
 
-def test_stop_token_ids(client, tiny_model_dir):
-    from transformers import AutoTokenizer
+def test_greedy_matches_transformers_and_stop_token_ids(client, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    r = _chat(client, max_tokens=6, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
-    pieces = [c.token for c in r.choices[0].logprobs.content]
-    third = [i for i in range(len(tok)) if tok.decode([i]) == pieces[2]]
-    assert third, "the generated token should be in the vocabulary"
-    cut = _chat(client, max_tokens=6, temperature=0, extra_body={"ignore_eos": True, "stop_token_ids": third})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    prompt = tok.encode("Hello, world!")
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    ref = out[0, len(prompt):].tolist()
+    full = client.completions.create(model=TINY, prompt=prompt, max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert full.choices[0].text.rstrip("\ufffd") == tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd")
+    k = next(i for i in range(1, len(ref)) if ref[i] not in ref[:i])  # first token id not seen before
+    cut = client.completions.create(model=TINY, prompt=prompt, max_tokens=10, temperature=0,
+                                    extra_body={"ignore_eos": True, "stop_token_ids": [ref[k]]})
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.usage.completion_tokens == 3
-    assert cut.choices[0].message.content == "".join(pieces[:2])
+    assert cut.usage.completion_tokens == k + 1

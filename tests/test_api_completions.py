@@ -48,7 +48,8 @@ def test_completion_logprobs(client):
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
-    assert "".join(lp.tokens) == r.choices[0].text
+    # engines differ only in whether a half character at the very end is shown as U+FFFD
+    assert "".join(lp.tokens).rstrip("\ufffd") == r.choices[0].text.rstrip("\ufffd")
     assert all(len(t) <= 2 for t in lp.top_logprobs)
     assert lp.text_offset[0] == 0
 

@@ -6,12 +6,13 @@ import httpx
 import openai
 import pytest
 
-from conftest import TINY
+from conftest import TINY, engine_flags
 
 
 @pytest.fixture(scope="module")
-def keyed_server(start_server, tiny_model_dir):
-    return start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--api-key", "k-one"],
+def keyed_server(start_server, tiny_model_dir, engine):
+    return start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--api-key", "k-one",
+                         *engine_flags(engine)],
                         env={"SLIMSERVE_API_KEYS": "ignored-because-flag-wins"})
 
 

@@ -81,10 +81,16 @@ class Chunk:
 
 @dataclass
 class EngineStats:
+    """The same figures from every engine, exported under the same metric names."""
+
     running: int
     waiting: int
     kv_cache_tokens: int = 0
+    kv_cache_usage: float = 0.0  # 0..1 of the engine's KV budget
     aborted: int = 0  # cumulative: sequences stopped because their client went away
+    preemptions: int = 0  # cumulative
+    running_adapters: int = 0  # running requests that use an adapter
+    waiting_adapters: int = 0
 
 
 class Engine(Protocol):

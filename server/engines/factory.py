@@ -25,9 +25,20 @@ def resolve_model_path(settings: ServeSettings) -> str:
 
 
 def build_engines(settings: ServeSettings) -> dict[str, Engine]:
+    path = resolve_model_path(settings)
+    if settings.engine == "vllm":
+        from server.engines.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine.load(
+            settings.model_id, path, dtype=settings.dtype, max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+            options=settings.vllm_options(), trust_remote_code=settings.trust_remote_code,
+        )
+        return {settings.model_id: engine}
+    if settings.vllm_options():
+        raise ConfigError(next(iter(settings.vllm_options())), "this setting applies to the vllm engine only")
     from server.engines.torch_engine import TorchEngine
 
-    path = resolve_model_path(settings)
     engine = TorchEngine.load(
         settings.model_id, path, dtype=settings.dtype, device=settings.device,
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,

@@ -119,6 +119,9 @@ class BatchScheduler:
             kv = 0 if self._cache is None else self._cache.length * len(self._rows)
             return len(self._rows), len(self._pending), kv
 
+    def running_with_adapters(self) -> int:
+        return sum(1 for s in list(self._rows) if s.slot is not None)
+
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
-from adapters.loader import AdapterError
+from adapters.loader import check_finite
 from server.engines.base import Chunk, EngineStats, GenerationRequest
-from server.engines.lora import AdapterSlots, LoRAManager
+from server.engines.adapter_slots import AdapterSlots
+from server.engines.lora import LoRAManager
 from server.engines.scheduler import BatchScheduler
-from server.errors import BadRequest, ConfigError, NotFound
+from server.engines.tokenizing import HFTokenizing
+from server.errors import ConfigError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def pick_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-class TorchEngine:
+class TorchEngine(HFTokenizing):
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, source: str = ""):
         self.model_id = model_id
@@ -61,7 +63,7 @@ class TorchEngine:
             eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
         self.lora = LoRAManager(model, dtype=_param_dtype(model))
-        self.adapter_slots = AdapterSlots(self.lora)
+        self.adapter_slots = AdapterSlots(free=self.lora.remove)
         self._scheduler = BatchScheduler(
             model, tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens, device=device, pad_id=pad, lora=self.lora,
@@ -93,24 +95,6 @@ class TorchEngine:
         log.info("loaded %s (%s, %s) on %s", model_id, path, torch_dtype, dev)
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path))
-
-    # ---- tokenizer ------------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise BadRequest(f"model {self.model_id} has no chat template; use /v1/completions", param="messages")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      **template_kwargs)
-        except Exception as exc:  # jinja raises its own errors for messages the template refuses
-            raise BadRequest(f"chat template failed: {exc}", param="messages") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- generation -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -148,10 +132,8 @@ class TorchEngine:
 
     async def install_adapter(self, weights) -> None:
         def install() -> None:  # on the engine thread, like every other torch operation
-            for module, (a, b) in weights.modules.items():
-                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                    raise AdapterError(f"{weights.name}: {module} holds NaN or infinite values", reason="bad_weights")
-            self.adapter_slots.install(weights.name, weights.modules, weights.scale)
+            check_finite(weights)
+            self.adapter_slots.install(weights.name, self.lora.add(weights.modules, weights.scale))
 
         await asyncio.wrap_future(self._scheduler.call(install))
 
@@ -169,7 +151,10 @@ class TorchEngine:
 
     def stats(self) -> EngineStats:
         running, waiting, kv = self._scheduler.counts()
-        return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, aborted=self._scheduler.aborted)
+        budget = self._scheduler.max_num_seqs * self.max_model_len
+        return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, kv_cache_usage=min(1.0, kv / budget),
+                           aborted=self._scheduler.aborted,
+                           running_adapters=self._scheduler.running_with_adapters())
 
     async def start(self) -> None:
         self._scheduler.start()

@@ -25,5 +25,5 @@ async def ready(state: State):
 
 @router.get("/metrics", dependencies=[ClientAuth])
 async def metrics(state: State):
-    body = state.metrics.render({m: e.stats() for m, e in state.engines.items()})
+    body = state.metrics.render({m: e.stats() for m, e in state.engines.items()}, state.settings.max_loras)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
