@@ -35,7 +35,8 @@ def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None
             state.engines = dict(engines)
         for model_id, engine in state.engines.items():
             await engine.start()
-            state.metrics.model_loaded(model_id, engine.weight_bytes)
+            state.metrics.model_loaded(model_id, engine.weight_bytes, type(engine).__name__,
+                                       getattr(engine, "quantization", None))
             if hasattr(engine, "install_adapter"):
                 state.adapters[model_id] = AdapterRegistry(
                     model_id, engine, roots=settings.adapter_roots, max_loras=settings.max_loras,

@@ -19,7 +19,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--engine", help="torch | vllm")
-    p.add_argument("--quantization", help="vllm engine: gptq, awq, compressed-tensors, fp8, bitsandbytes ...")
+    p.add_argument("--quantization", help="quantize at load: int8 | int4 | nf4 | fp8 (GPU, vllm engine); the vllm "
+                                          "engine also takes its own names (gptq, awq, compressed-tensors ...)")
     p.add_argument("--gpu-memory-utilization", type=float, help="vllm engine (on CPU: share of RAM for KV)")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="vllm engine: KV cache size")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="vllm engine: no graphs/compile")

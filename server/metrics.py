@@ -46,6 +46,8 @@ class Metrics:
                                registry=r)
         self.rss = Gauge("slimserve_process_resident_memory_bytes", "Resident memory of the server process.",
                          registry=r)
+        self.model_info = Gauge("slimserve_model_info", "Served models: engine and quantization (value 1).",
+                                ["model", "engine", "quantization"], registry=r)
         self.weights = Gauge("slimserve_model_weight_bytes", "Bytes of weights of each loaded model.", ["model"],
                              registry=r)
         self.adapter_loads = Counter("slimserve_adapter_loads", "Adapters loaded.", ["model"], registry=r)
@@ -85,8 +87,9 @@ class Metrics:
         self.adapters_resident.labels(base).set(len(sizes))
         self.adapter_bytes.labels(base).set(sum(sizes))
 
-    def model_loaded(self, model: str, weight_bytes: int) -> None:
+    def model_loaded(self, model: str, weight_bytes: int, engine: str = "", quantization: str | None = None) -> None:
         self.weights.labels(model).set(weight_bytes)
+        self.model_info.labels(model, engine, quantization or "none").set(1)
 
     def record(self, choices: list[RequestStats], status: int) -> None:
         """Record one finished HTTP request (success, error or abort) from the stats of its choices."""

@@ -37,7 +37,8 @@ class ServeSettings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trust_remote_code: bool = False
     # vLLM engine options, passed through to vLLM's engine arguments
-    quantization: str | None = Field(None, description="vLLM: gptq, awq, compressed-tensors, fp8, bitsandbytes ...")
+    quantization: str | None = Field(None, description="load-time int8 | int4 | nf4 | fp8 (GPU); vllm engine: "
+                                                       "also its own names (gptq, awq, compressed-tensors ...)")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM (on CPU: share of RAM)")
     kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20, description="vLLM: KV cache size")
     enforce_eager: bool | None = None

@@ -49,14 +49,17 @@ def pick_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
 
 class TorchEngine(HFTokenizing):
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
-                 max_prefill_tokens: int, device: torch.device, source: str = ""):
+                 max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None):
+        from compress.load_time import weight_bytes
+
         self.model_id = model_id
         self.source = source
+        self.quantization = quantization
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.max_model_len = max_model_len
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weight_bytes = weight_bytes(model)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -73,7 +76,7 @@ class TorchEngine(HFTokenizing):
     @classmethod
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", device: str = "auto",
              max_model_len: int | None = None, max_num_seqs: int = 32, max_prefill_tokens: int = 8192,
-             trust_remote_code: bool = False) -> "TorchEngine":
+             trust_remote_code: bool = False, quantization: str | None = None) -> "TorchEngine":
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
@@ -82,19 +85,35 @@ class TorchEngine(HFTokenizing):
         except (OSError, ValueError) as exc:
             raise ConfigError("model", f"cannot load a model config from {path!s}: {exc}") from exc
         torch_dtype = pick_dtype(dtype, getattr(config, "dtype", None), dev)
+        kwargs = {}
+        prequantized = getattr(config, "quantization_config", None)
+        if quantization and prequantized:
+            raise ConfigError("quantization", f"{path} is already quantized "
+                                              f"({_method_of(prequantized)}); serve it without --quantization")
+        if quantization:
+            from compress.load_time import QuantizationUnavailable, load_time_config
+
+            try:
+                kwargs = {"quantization_config": load_time_config(quantization, torch_dtype),
+                          "device_map": str(dev)}
+            except QuantizationUnavailable as exc:
+                raise ConfigError("quantization", str(exc)) from exc
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ConfigError("model", f"{path!s} is not a loadable causal LM: {exc}") from exc
-        model.to(dev).eval()
+        if not quantization:
+            model.to(dev)
+        model.eval()
         limit = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
         if max_model_len is not None and max_model_len > limit:
             raise ConfigError("max_model_len", f"{max_model_len} is above the model's {limit} positions")
-        log.info("loaded %s (%s, %s) on %s", model_id, path, torch_dtype, dev)
+        method = quantization or (_method_of(prequantized) if prequantized else None)
+        log.info("loaded %s (%s, %s, quantization %s) on %s", model_id, path, torch_dtype, method, dev)
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
-                   max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path))
+                   max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method)
 
     # ---- generation -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -168,3 +187,11 @@ def _param_dtype(model) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def _method_of(quantization_config) -> str:
+    get = quantization_config.get if isinstance(quantization_config, dict) else (
+        lambda k, d=None: getattr(quantization_config, k, d))
+    method = get("quant_method", "quantized")
+    bits = get("bits")
+    return f"{method}-{bits}bit" if bits else str(method)

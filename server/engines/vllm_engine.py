@@ -121,8 +121,10 @@ class VLLMEngine(HFTokenizing):
             raise ConfigError("model", f"vLLM could not start on {path}: {exc}") from exc
         log.info("vLLM engine for %s started in %.1f s", model_id, time.perf_counter() - started)
         weight_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else 0
-        return cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
-                   source=str(path), weight_bytes=weight_bytes, stats=stats)
+        engine = cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
+                     source=str(path), weight_bytes=weight_bytes, stats=stats)
+        engine.quantization = llm.model_config.quantization
+        return engine
 
     # ---- generation -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

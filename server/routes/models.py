@@ -15,7 +15,8 @@ def _cards(state) -> list[dict]:
     for model_id, engine in state.engines.items():
         cards.append({"id": model_id, "object": "model", "created": state.created, "owned_by": "slimserve",
                       "root": getattr(engine, "source", "") or model_id, "parent": None,
-                      "max_model_len": engine.max_model_len})
+                      "max_model_len": engine.max_model_len,
+                      "quantization": getattr(engine, "quantization", None), "weight_bytes": engine.weight_bytes})
     for registry in state.adapters.values():
         for ref in registry.list():
             cards.append({"id": ref.name, "object": "model", "created": int(ref.loaded_at), "owned_by": "slimserve",
