@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from server import cli_compress
 from server.errors import ConfigError
 
 
@@ -117,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _adapters_parser(sub)
+    cli_compress.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "adapters":
             return _adapters(args)
+        if args.command == "compress":
+            return cli_compress.run(args)
     except ConfigError as exc:
         print(f"slimserve: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,58 @@
+"""`slimserve compress ...`: the offline tools (quantize, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from server.errors import ConfigError
+
+
+def _model_dir(name: str, cache_dir: Path) -> str:
+    """The embedded default by its id, a folder, or `folder@method` for load-time quantization."""
+    from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+
+    folder, at, method = name.partition("@")
+    if folder == DEFAULT_MODEL_ID:
+        folder = str(default_model_dir(cache_dir))
+    if not Path(folder, "config.json").is_file():
+        raise ConfigError("model", f"{folder} is not a model folder (no config.json)")
+    return folder + at + method
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compress", help="offline tools: quantize, eval")
+    csub = p.add_subparsers(dest="compress_command", required=True)
+    e = csub.add_parser("eval", help="compare variants of a model: perplexity, KL, size, speed",
+                        description="A variant is a model folder, or REF@int8 / REF@nf4 / REF@int4 for load-time "
+                                    "quantization. Writes eval.json, eval.md and eval.png to --out.")
+    e.add_argument("ref")
+    e.add_argument("variants", nargs="+")
+    e.add_argument("--text", type=Path, required=True, help="held-out plain text")
+    e.add_argument("--out", type=Path, default=Path("eval"))
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--max-tokens", type=int, default=8192)
+    e.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compress_command == "eval":
+        from compress.evaluate import evaluate
+
+        if not args.text.is_file():
+            raise ConfigError("text", f"no such file: {args.text}")
+        ref = _model_dir(args.ref, args.cache_dir)
+        variants = [_model_dir(v.replace(args.ref + "@", ref + "@") if v.startswith(args.ref + "@") else v,
+                               args.cache_dir) for v in args.variants]
+        reports = evaluate(ref, variants, args.text, args.out, seq_len=args.seq_len, max_tokens=args.max_tokens)
+        print((args.out / "eval.md").read_text())
+        print(f"wrote {args.out}/eval.json, eval.md, eval.png")
+        return 0 if reports else 1
+    raise ConfigError("compress", f"unknown command {args.compress_command}")
+
+
+def manifest_summary(folder: Path) -> str:
+    from compress.manifest import read_manifest
+
+    return json.dumps(read_manifest(folder) or {}, indent=2)
