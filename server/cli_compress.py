@@ -24,6 +24,21 @@ def _model_dir(name: str, cache_dir: Path) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("compress", help="offline tools: quantize, eval")
     csub = p.add_subparsers(dest="compress_command", required=True)
+    q = csub.add_parser("quantize", help="GPTQ / AWQ / RTN / int8 artifacts (GPTQModel)",
+                        description="Writes a model folder that both engines load, with slimserve.json.")
+    q.add_argument("model")
+    q.add_argument("out", type=Path)
+    q.add_argument("--method", default="gptq", help="gptq | awq | rtn | int8")
+    q.add_argument("--backend", default="gptqmodel", help="gptqmodel | llmcompressor")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one per row")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
+    q.add_argument("--sym", dest="sym", action="store_true", default=True)
+    q.add_argument("--asym", dest="sym", action="store_false")
+    q.add_argument("--calib", type=Path, help="calibration text (.txt or .jsonl); gptq and awq need it")
+    q.add_argument("--num-samples", type=int, default=128)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     e = csub.add_parser("eval", help="compare variants of a model: perplexity, KL, size, speed",
                         description="A variant is a model folder, or REF@int8 / REF@nf4 / REF@int4 for load-time "
                                     "quantization. Writes eval.json, eval.md and eval.png to --out.")
@@ -37,6 +52,20 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compress_command == "quantize":
+        from compress.quantize import QuantizeError, QuantizeSpec, quantize
+
+        spec = QuantizeSpec(model=Path(_model_dir(args.model, args.cache_dir)), out=args.out, method=args.method,
+                            backend=args.backend, bits=args.bits, group_size=args.group_size,
+                            act_order=args.act_order, sym=args.sym, calib=args.calib, num_samples=args.num_samples,
+                            seq_len=args.seq_len)
+        try:
+            report = quantize(spec)
+        except QuantizeError as exc:
+            raise ConfigError("quantize", str(exc)) from None
+        print(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+        return 0
     if args.compress_command == "eval":
         from compress.evaluate import evaluate
 
@@ -50,9 +79,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/eval.json, eval.md, eval.png")
         return 0 if reports else 1
     raise ConfigError("compress", f"unknown command {args.compress_command}")
-
-
-def manifest_summary(folder: Path) -> str:
-    from compress.manifest import read_manifest
-
-    return json.dumps(read_manifest(folder) or {}, indent=2)
