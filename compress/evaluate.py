@@ -115,7 +115,8 @@ def evaluate(ref: str, variants: list[str], text_file: Path, out_dir: Path, *, s
         model, _, folder, load = load_variant(spec)
         logits = logits_over(model, windows)
         kl, agree = kl_and_agreement(ref_logits, logits)
-        name = spec if "@" in spec else Path(spec).name
+        folder_part, _, method = spec.partition("@")
+        name = f"{Path(folder_part).name}@{method}" if method else Path(spec).name
         reports.append(Report(name, perplexity(logits, windows), kl, agree, weight_bytes(model),
                               0 if "@" in spec else folder_bytes(folder), load, decode_speed(model, 1),
                               decode_speed(model, 8)))
