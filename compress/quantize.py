@@ -1,9 +1,11 @@
-"""`slimserve compress quantize`: GPTQ, AWQ and RTN artifacts through GPTQModel.
+"""`slimserve compress quantize`: GPTQ, AWQ, RTN and int8 artifacts.
 
-GPTQModel is the default (and, here, only installed) backend: it quantizes on CPUs and writes
-checkpoints that transformers and vLLM load directly (GPTQ/RTN as `gptq`, AWQ as `awq` GEMM).
-AutoGPTQ, which the owner named, is unmaintained and needs CUDA; its maintainers point to
-GPTQModel. Everything that can be checked is checked before the (minutes-long) work starts.
+Backends: GPTQModel (default) quantizes on CPUs and writes checkpoints that transformers and vLLM
+load directly (GPTQ/RTN as `gptq`, AWQ as `awq` GEMM). AutoGPTQ, which the owner named, is
+unmaintained and needs CUDA; its maintainers point to GPTQModel. llm-compressor, vLLM's own tool,
+writes compressed-tensors (W4A16 groups, W8A8 int8) that vLLM loads natively; its pins clash with
+vLLM's, so it runs in its own virtual environment (compress/requirements-llmcompressor.txt), as a
+subprocess. Everything that can be checked is checked before the (minutes-long) work starts.
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ def check(spec: QuantizeSpec) -> tuple[object, list[str]]:
     if spec.backend not in BACKENDS:
         raise QuantizeError(f"backend must be one of {', '.join(BACKENDS)}, not {spec.backend!r}")
     if spec.backend == "llmcompressor":
-        raise QuantizeError("the llmcompressor backend is not available in this release: its pins "
-                            "(compressed-tensors 0.19, transformers<=5.17) need a separate environment, "
-                            "which slimserve does not build yet; use --backend gptqmodel")
+        if spec.method == "awq":
+            raise QuantizeError("llm-compressor's AWQ needs an accelerator (it pins memory); use "
+                                "--backend gptqmodel for AWQ on CPUs")
+        if not llmcompressor_python().is_file():
+            raise QuantizeError(f"the llmcompressor backend runs in its own environment, not found at "
+                                f"{llmcompressor_python()}; build it with: python3 -m venv .venv-llmcompressor && "
+                                f".venv-llmcompressor/bin/pip install -r compress/requirements-llmcompressor.txt "
+                                f"(or set SLIMSERVE_LLMCOMPRESSOR_PYTHON)")
     bits = 8 if spec.method == "int8" else spec.bits
     if bits not in (2, 3, 4, 8):
         raise QuantizeError(f"bits must be 2, 3, 4 or 8, not {bits}")
@@ -97,18 +104,45 @@ def check(spec: QuantizeSpec) -> tuple[object, list[str]]:
     return config, texts
 
 
+def llmcompressor_python() -> Path:
+    configured = os.environ.get("SLIMSERVE_LLMCOMPRESSOR_PYTHON")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[1] / ".venv-llmcompressor" / "bin" / "python"
+
+
+def _run_llmcompressor(spec: QuantizeSpec, bits: int, texts: list[str], out: Path) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    job = {"model": str(spec.model), "out": str(out), "method": spec.method, "bits": bits,
+           "group_size": spec.group_size, "sym": spec.sym, "seq_len": spec.seq_len, "texts": texts}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    script = Path(__file__).with_name("llmcompressor_job.py")
+    done = subprocess.run([str(llmcompressor_python()), str(script), f.name], env={**os.environ})
+    Path(f.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llm-compressor failed (exit {done.returncode}); its output is above")
+
+
 def quantize(spec: QuantizeSpec) -> dict:
-    config, texts = check(spec)
+    _, texts = check(spec)
+    if spec.backend == "llmcompressor":
+        return _finish(spec, texts, lambda out, bits: _run_llmcompressor(spec, bits, texts, out))
+    return _finish(spec, texts, lambda out, bits: _run_gptqmodel(spec, bits, texts, out))
+
+
+def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel import AWQConfig, GPTQConfig, RTNConfig
     from transformers import AutoTokenizer
 
-    bits = 8 if spec.method == "int8" else spec.bits
     if texts:  # GPTQModel tokenizes itself; cut samples to --seq-len tokens first
         tok = AutoTokenizer.from_pretrained(spec.model)
         texts = [tok.decode(tok.encode(t, add_special_tokens=False)[: spec.seq_len]) for t in texts]
-    started = time.perf_counter()
     if spec.method == "gptq":
         qcfg = GPTQConfig(bits=bits, group_size=spec.group_size, sym=spec.sym, desc_act=spec.act_order)
     elif spec.method == "awq":
@@ -122,9 +156,16 @@ def quantize(spec: QuantizeSpec) -> dict:
         model.quantize(texts, batch_size=1)
     else:
         model.quantize(calibration=None)
+    model.save(str(out))
+
+
+def _finish(spec: QuantizeSpec, texts: list[str], run) -> dict:
+    """Run a backend into a temporary folder, add the manifest, then move it into place."""
+    bits = 8 if spec.method == "int8" else spec.bits
     tmp = spec.out.with_name(f".{spec.out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(str(tmp))
+    started = time.perf_counter()
+    run(tmp, bits)
     seconds = time.perf_counter() - started
     before = sum(f.stat().st_size for f in spec.model.glob("*.safetensors"))
     after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from compress.manifest import read_manifest
-from compress.quantize import QuantizeError, QuantizeSpec, quantize
+from compress.quantize import QuantizeError, QuantizeSpec, llmcompressor_python, quantize
 from server.engines.torch_engine import TorchEngine
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog near river number {i}." for i in range(200))
@@ -38,6 +38,43 @@ def artifacts(tiny_model_dir, calib, tmp_path_factory):
                             sym=method != "awq")
         out[method] = (root / method, quantize(spec))
     return out
+
+
+def require_llmcompressor() -> None:
+    import os
+
+    if not llmcompressor_python().is_file():
+        if os.environ.get("SLIMSERVE_REQUIRE_VLLM"):  # CI builds every environment
+            pytest.fail(f"no llm-compressor environment at {llmcompressor_python()}")
+        pytest.skip("the llm-compressor environment is not built (.ci/install builds it)")
+
+
+@pytest.fixture(scope="module")
+def ct_artifacts(tiny_model_dir, calib, tmp_path_factory):
+    require_llmcompressor()
+    root = tmp_path_factory.mktemp("compressed-tensors")
+    out = {}
+    for method in ("gptq", "int8"):
+        spec = QuantizeSpec(model=tiny_model_dir, out=root / method, method=method, backend="llmcompressor",
+                            group_size=64, calib=calib if method == "gptq" else None, num_samples=16, seq_len=64)
+        out[method] = (root / method, quantize(spec))
+    return out
+
+
+@pytest.mark.parametrize("method", ["gptq", "int8"])
+def test_llmcompressor_artifacts_are_compressed_tensors_and_load(tiny_model_dir, ct_artifacts, method, tmp_path):
+    from tiny_model import build_tiny_model
+
+    folder, report = ct_artifacts[method]
+    cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors"
+    assert report["backend"] == "llmcompressor" and report["bits"] == (8 if method == "int8" else 4)
+    ref = TorchEngine.load("ref", tiny_model_dir, dtype="float32")
+    unrelated = TorchEngine.load("other", build_tiny_model(tmp_path / "other", seed=1), dtype="float32")
+    engine = TorchEngine.load("ct", folder, dtype="float32")
+    kl = _kl(_logits(ref), _logits(engine))
+    bound = 0.01 if method == "int8" else 0.33  # fractions of an unrelated model's KL, as above
+    assert kl < bound * _kl(_logits(ref), _logits(unrelated)), f"{method}: KL {kl:.4f}"
 
 
 def _logits(engine) -> torch.Tensor:
@@ -81,7 +118,8 @@ def _spec(model, tmp_path, calib_file, **kw):
     ({"bits": 5}, "bits must be"),
     ({"method": "awq", "bits": 8}, "4-bit"),
     ({"calib": None}, "needs calibration"),
-    ({"backend": "llmcompressor"}, "separate environment"),
+    ({"backend": "llmcompressor", "method": "awq"}, "needs an accelerator"),
+    ({"backend": "autogptq"}, "backend must be"),
 ])
 def test_bad_inputs_fail_before_work(tiny_model_dir, tmp_path, calib, change, message):
     with pytest.raises(QuantizeError, match=message):

@@ -1,4 +1,5 @@
-"""A GPTQ artifact from `compress quantize` serves on both engines, with a LoRA adapter on top."""
+"""Artifacts from `compress quantize` serve on both engines with a LoRA adapter on top: GPTQ 4-bit
+(GPTQModel), and compressed-tensors W4A16 and W8A8 (llm-compressor)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,32 @@ import pytest
 from adapter_factory import make_adapter
 from compress.quantize import QuantizeSpec, quantize
 from conftest import engine_flags
+from test_compress_quantize import require_llmcompressor
+
+ARTIFACTS = {"gptq": ("gptqmodel", "gptq", "gptq"), "w4a16": ("llmcompressor", "gptq", "compressed-tensors"),
+             "w8a8": ("llmcompressor", "int8", "compressed-tensors")}
 
 
-@pytest.fixture(scope="module")
-def gptq_setup(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gptq-serving")
+@pytest.fixture(scope="module", params=list(ARTIFACTS))
+def artifact(request, tiny_model_dir, tmp_path_factory):
+    backend, method, _ = ARTIFACTS[request.param]
+    if backend == "llmcompressor":
+        require_llmcompressor()
+    root = tmp_path_factory.mktemp(f"serving-{request.param}")
     calib = root / "calib.txt"
     calib.write_text("\n".join(f"Sentence {i} about servers, adapters and quantized weights." for i in range(100)))
-    folder = root / "tiny-gptq"
-    quantize(QuantizeSpec(model=tiny_model_dir, out=folder, method="gptq", group_size=64, calib=calib,
-                          num_samples=16, seq_len=64))
+    folder = root / "tiny-q"
+    quantize(QuantizeSpec(model=tiny_model_dir, out=folder, method=method, backend=backend, group_size=64,
+                          calib=calib if method == "gptq" else None, num_samples=16, seq_len=64))
     adapter = make_adapter(tiny_model_dir, root / "style", seed=3, scale_b=3.0)
-    return folder, adapter
+    return request.param, folder, adapter
 
 
 @pytest.fixture(scope="module")
-def qserver(start_server, gptq_setup, engine):
-    folder, adapter = gptq_setup
+def qserver(start_server, artifact, engine):
+    _, folder, adapter = artifact
     flags = engine_flags(engine) + (["--dtype", "bfloat16"] if engine == "vllm" else [])
-    return start_server(["--model", str(folder), "--served-model-name", "tiny-gptq", "--lora", f"style={adapter}",
+    return start_server(["--model", str(folder), "--served-model-name", "tiny-q", "--lora", f"style={adapter}",
                          *flags])
 
 
@@ -37,10 +45,10 @@ def _complete(base_url: str, model: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def test_gptq_artifact_serves_with_an_adapter(qserver):
+def test_quantized_artifact_serves_with_an_adapter(qserver, artifact):
     cards = {m["id"]: m for m in httpx.get(qserver.base_url + "/v1/models").json()["data"]}
-    assert "gptq" in str(cards["tiny-gptq"]["quantization"])
-    assert cards["style"]["parent"] == "tiny-gptq"
-    base = _complete(qserver.base_url, "tiny-gptq")
-    assert base == _complete(qserver.base_url, "tiny-gptq")  # greedy replays
+    assert ARTIFACTS[artifact[0]][2] in str(cards["tiny-q"]["quantization"])
+    assert cards["style"]["parent"] == "tiny-q"
+    base = _complete(qserver.base_url, "tiny-q")
+    assert base == _complete(qserver.base_url, "tiny-q")  # greedy replays
     assert _complete(qserver.base_url, "style") != base
