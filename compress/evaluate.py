@@ -154,6 +154,7 @@ def plot(reports: list[Report], path: Path) -> None:
     dots = ax.scatter(sizes, ppl, s=[40 + 2 * s for s in speed], c=speed, cmap="viridis", edgecolors="black")
     for r, x, y in zip(reports, sizes, ppl):
         ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.margins(x=0.2, y=0.1)  # room for the labels
     ax.set_xlabel("weight MiB")
     ax.set_ylabel("perplexity (held-out text)")
     ax.set_title("size vs quality (dot size and colour: decode tok/s at batch 8)")
