@@ -39,6 +39,16 @@ def add_parser(sub) -> None:
     q.add_argument("--num-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+    pr = csub.add_parser("prune", help="drop the least important decoder blocks (block influence)")
+    pr.add_argument("model")
+    pr.add_argument("out", type=Path)
+    how = pr.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop-layers", type=int)
+    how.add_argument("--keep-ratio", type=float)
+    pr.add_argument("--calib", type=Path, required=True)
+    pr.add_argument("--num-samples", type=int, default=32)
+    pr.add_argument("--seq-len", type=int, default=256)
+    pr.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     e = csub.add_parser("eval", help="compare variants of a model: perplexity, KL, size, speed",
                         description="A variant is a model folder, or REF@int8 / REF@nf4 / REF@int4 for load-time "
                                     "quantization. Writes eval.json, eval.md and eval.png to --out.")
@@ -65,6 +75,24 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("quantize", str(exc)) from None
         print(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
+        return 0
+    if args.compress_command == "prune":
+        from compress.data import DataError
+        from compress.prune import prune
+
+        if not args.calib.is_file():
+            raise ConfigError("calib", f"no such file: {args.calib}")
+        try:
+            report = prune(Path(_model_dir(args.model, args.cache_dir)), args.out, calib=args.calib,
+                           drop=args.drop_layers, keep_ratio=args.keep_ratio, num_samples=args.num_samples,
+                           seq_len=args.seq_len)
+        except (ValueError, DataError) as exc:
+            raise ConfigError("prune", str(exc)) from None
+        print("block influence, least important first:")
+        for row in report["ranking"]:
+            mark = "  dropped" if row in report["dropped"] else ""
+            print(f"  block {row['block']:>3}: {row['influence']:.5f}{mark}")
+        print(f"wrote {args.out} ({report['blocks_after']} of {report['blocks_before']} blocks)")
         return 0
     if args.compress_command == "eval":
         from compress.evaluate import evaluate

@@ -1,0 +1,69 @@
+"""Knowledge-distillation losses as pure functions over logits [tokens, vocab].
+
+forward KL  KL(teacher || student) at temperature T, scaled by T^2 (Hinton et al.) so gradients
+            keep their size as T changes; the student covers all of the teacher's modes.
+reverse KL  KL(student || teacher): mode-seeking (MiniLLM).
+JSD(beta)   generalised Jensen-Shannon: beta*KL(t||m) + (1-beta)*KL(s||m), m = beta*t + (1-beta)*s
+            (GKD, Agarwal et al.); beta -> 0 approaches forward KL's behaviour, 1 reverse's.
+Each mixes with cross-entropy on the labels: alpha * KD + (1 - alpha) * CE.
+The teacher's logits are detached: gradients reach the student only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    per_token = (t.exp() * (t - s)).sum(-1)
+    return _masked_mean(per_token, mask) * temperature**2
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    per_token = (s.exp() * (s - t)).sum(-1)
+    return _masked_mean(per_token, mask) * temperature**2
+
+
+def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float = 0.5, temperature: float = 1.0,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    if not 0.0 < beta < 1.0:
+        raise ValueError("beta must lie strictly between 0 and 1")
+    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    m = torch.logsumexp(torch.stack([t + torch.log(torch.tensor(beta)), s + torch.log(torch.tensor(1 - beta))]), 0)
+    per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    return _masked_mean(per_token, mask) * temperature**2
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, kind: str = "forward_kl",
+                 alpha: float = 1.0, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """alpha * KD + (1 - alpha) * CE over positions whose label is not IGNORE (logits already shifted)."""
+    mask = labels != IGNORE
+    if kind == "forward_kl":
+        kd = forward_kl(student, teacher, temperature, mask)
+    elif kind == "reverse_kl":
+        kd = reverse_kl(student, teacher, temperature, mask)
+    elif kind == "jsd":
+        kd = generalized_jsd(student, teacher, beta, temperature, mask)
+    else:
+        raise ValueError(f"unknown distillation loss {kind!r}")
+    if alpha >= 1.0:
+        return kd
+    ce = F.cross_entropy(student.float().reshape(-1, student.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+    return alpha * kd + (1 - alpha) * ce
