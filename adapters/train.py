@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from compress.data import IGNORE, Example, read_records, tokenize
+from compress.data import IGNORE, Example, pad_batches as _batches, read_records, tokenize
 from compress.manifest import file_hash, write_manifest
 
 
@@ -41,21 +41,6 @@ class TrainConfig:
     save_every: int = 0
     seed: int = 0
     base_name: str | None = None  # what the manifest and adapter_config call the base
-
-
-def _batches(examples: list[Example], size: int, pad_id: int):
-    for i in range(0, len(examples), size):
-        chunk = examples[i:i + size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, e in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[j, :n] = torch.tensor(e.input_ids)
-            labels[j, :n] = torch.tensor(e.labels)
-            mask[j, :n] = 1
-        yield ids, mask, labels
 
 
 @torch.no_grad()

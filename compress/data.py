@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 IGNORE = -100
 
 
@@ -102,3 +104,19 @@ def _extend(ids, labels, rendered, train: bool):
 
 def _truncate(e: Example, seq_len: int) -> Example:
     return Example(e.input_ids[:seq_len], e.labels[:seq_len])
+
+
+def pad_batches(examples: list[Example], size: int, pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels) batches; padding is IGNOREd in the loss."""
+    for i in range(0, len(examples), size):
+        chunk = examples[i:i + size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, e in enumerate(chunk):
+            n = len(e.input_ids)
+            ids[j, :n] = torch.tensor(e.input_ids)
+            labels[j, :n] = torch.tensor(e.labels)
+            mask[j, :n] = 1
+        yield ids, mask, labels

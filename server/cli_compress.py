@@ -49,6 +49,24 @@ def add_parser(sub) -> None:
     pr.add_argument("--num-samples", type=int, default=32)
     pr.add_argument("--seq-len", type=int, default=256)
     pr.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+    d = csub.add_parser("distill", help="train a student on a teacher (logit KD, or sequence KD with --generate)")
+    d.add_argument("out", type=Path)
+    d.add_argument("--teacher", required=True)
+    d.add_argument("--student", required=True, help="student model folder (e.g. a pruned teacher)")
+    d.add_argument("--data", type=Path, required=True, help="training text/JSONL; with --generate: the prompts")
+    d.add_argument("--generate", action="store_true", help="sequence-level KD: the teacher answers --data first")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--loss", default="forward_kl", help="forward_kl | reverse_kl | jsd | ce")
+    d.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term against cross-entropy")
+    d.add_argument("--temperature", type=float, default=2.0)
+    d.add_argument("--beta", type=float, default=0.5, help="jsd mixture weight")
+    d.add_argument("--max-steps", type=int, default=100)
+    d.add_argument("--lr", type=float, default=5e-5)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--grad-accum", type=int, default=1)
+    d.add_argument("--seq-len", type=int, default=256)
+    d.add_argument("--save-every", type=int, default=0)
+    d.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     e = csub.add_parser("eval", help="compare variants of a model: perplexity, KL, size, speed",
                         description="A variant is a model folder, or REF@int8 / REF@nf4 / REF@int4 for load-time "
                                     "quantization. Writes eval.json, eval.md and eval.png to --out.")
@@ -93,6 +111,29 @@ def run(args: argparse.Namespace) -> int:
             mark = "  dropped" if row in report["dropped"] else ""
             print(f"  block {row['block']:>3}: {row['influence']:.5f}{mark}")
         print(f"wrote {args.out} ({report['blocks_after']} of {report['blocks_before']} blocks)")
+        return 0
+    if args.compress_command == "distill":
+        from compress.distill import DistillConfig, DistillError, distill, generate_dataset
+
+        teacher = Path(_model_dir(args.teacher, args.cache_dir))
+        student = Path(_model_dir(args.student, args.cache_dir))
+        if not args.data.is_file():
+            raise ConfigError("data", f"no such file: {args.data}")
+        data, loss = args.data, args.loss
+        if args.generate:  # sequence-level KD: train with cross-entropy on the teacher's own answers
+            args.out.mkdir(parents=True, exist_ok=True)
+            data = generate_dataset(teacher, args.data, args.out / "teacher_answers.jsonl", args.max_new_tokens)
+            loss = "ce"
+        cfg = DistillConfig(teacher=teacher, student=student, out=args.out, data=data, loss=loss, alpha=args.alpha,
+                            temperature=args.temperature, beta=args.beta, max_steps=args.max_steps, lr=args.lr,
+                            batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+                            save_every=args.save_every)
+        try:
+            report = distill(cfg)
+        except DistillError as exc:
+            raise ConfigError("student", str(exc)) from None
+        print(json.dumps({k: report[k] for k in ("method", "steps", "tokens", "seconds", "held_out_kl_to_teacher")},
+                         indent=2))
         return 0
     if args.compress_command == "eval":
         from compress.evaluate import evaluate
