@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from adapter_factory import make_adapter
+from engine_run import greedy_tokens
 from adapters.loader import load_lora
-from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch_engine import TorchEngine
 
 BOUNDS = {"int8": 0.01, "nf4": 0.35, "int4": 0.35}  # fractions of the unrelated model's KL
@@ -90,24 +90,8 @@ def test_mixed_adapter_batch_on_quantized_base(tiny_model_dir, tmp_path, method)
             folder = make_adapter(tiny_model_dir, tmp_path / name, seed=20 + i)
             asyncio.run(engine.install_adapter(load_lora(name, folder, engine.base_shapes(), max_rank=64)))
         items = [(p, a) for p in PROMPTS for a in (None, "a", "b")]
-        alone = [_run(engine, [item])[0] for item in items]
-        assert _run(engine, items) == alone
+        alone = [greedy_tokens(engine, [item], 10)[0] for item in items]
+        assert greedy_tokens(engine, items, 10) == alone
         assert len({tuple(t) for t in alone}) > len(PROMPTS)
     finally:
         asyncio.run(engine.shutdown())
-
-
-def _run(engine, items, max_tokens: int = 10) -> list[list[int]]:
-    async def one(i, prompt, adapter):
-        req = GenerationRequest(f"q{i}-{adapter}", engine.encode(prompt),
-                                SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                                RequestStats("tiny"), adapter)
-        out = []
-        async for chunk in engine.generate(req):
-            out.extend(chunk.token_ids)
-        return out
-
-    async def run():
-        return await asyncio.gather(*[one(i, p, a) for i, (p, a) in enumerate(items)])
-
-    return asyncio.run(run())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from adapter_factory import make_adapter
+from engine_run import greedy_tokens
 from adapters.loader import load_lora
-from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch_engine import TorchEngine
 
 PROMPTS = ["Hello, world!", "The capital of France is", "Numbers: 1 2 3", "Servers batch requests together."]
@@ -32,22 +32,6 @@ def engine(tiny_model_dir, adapter_dirs):
     asyncio.run(eng.shutdown())
 
 
-def _generate(engine, items: list[tuple[str, str | None]], max_tokens: int = 12) -> list[list[int]]:
-    async def one(i, prompt, adapter):
-        req = GenerationRequest(f"r{i}-{adapter}", engine.encode(prompt),
-                                SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                                RequestStats("tiny"), adapter)
-        out = []
-        async for chunk in engine.generate(req):
-            out.extend(chunk.token_ids)
-        return out
-
-    async def run():
-        return await asyncio.gather(*[one(i, p, a) for i, (p, a) in enumerate(items)])
-
-    return asyncio.run(run())
-
-
 def test_adapter_output_equals_peft(engine, tiny_model_dir, adapter_dirs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -57,15 +41,15 @@ def test_adapter_output_equals_peft(engine, tiny_model_dir, adapter_dirs):
     ids = torch.tensor([engine.encode(PROMPTS[1])])
     with torch.no_grad():
         ref = peft_model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, ids.shape[1]:]
-    ours = _generate(engine, [(PROMPTS[1], "a")])[0]
+    ours = greedy_tokens(engine, [(PROMPTS[1], "a")])[0]
     assert ours == ref.tolist()
-    assert ours != _generate(engine, [(PROMPTS[1], None)])[0], "the adapter should change the output"
+    assert ours != greedy_tokens(engine, [(PROMPTS[1], None)])[0], "the adapter should change the output"
 
 
 def test_mixed_batch_rows_equal_rows_alone(engine):
     items = [(p, a) for p in PROMPTS for a in (None, "a", "b")]
-    alone = [_generate(engine, [item])[0] for item in items]
-    together = _generate(engine, items)
+    alone = [greedy_tokens(engine, [item])[0] for item in items]
+    together = greedy_tokens(engine, items)
     assert together == alone
     assert len({tuple(t) for t in together}) > len(PROMPTS), "adapters should make rows differ"
 
@@ -74,5 +58,5 @@ def test_replace_keeps_running_request_and_frees_old_slot(engine, adapter_dirs):
     before = engine.adapter_slots.resident_slots()
     asyncio.run(engine.install_adapter(load_lora("a", adapter_dirs["b"], engine.base_shapes(), max_rank=64)))
     assert engine.adapter_slots.resident_slots() == before  # old slot freed at once: nobody used it
-    assert _generate(engine, [(PROMPTS[0], "a")]) == _generate(engine, [(PROMPTS[0], "b")])
+    assert greedy_tokens(engine, [(PROMPTS[0], "a")]) == greedy_tokens(engine, [(PROMPTS[0], "b")])
     asyncio.run(engine.install_adapter(load_lora("a", adapter_dirs["a"], engine.base_shapes(), max_rank=64)))
