@@ -36,7 +36,6 @@ class DistillConfig:
     grad_accum: int = 1
     seq_len: int = 256
     eval_fraction: float = 0.1
-    eval_every: int = 0
     save_every: int = 0
     seed: int = 0
 

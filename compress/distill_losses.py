@@ -24,18 +24,22 @@ def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
+def _log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    """Tempered log-probabilities (student, teacher); the teacher is detached."""
+    return (F.log_softmax(student.float() / temperature, dim=-1),
+            F.log_softmax(teacher.detach().float() / temperature, dim=-1))
+
+
 def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
+    s, t = _log_probs(student, teacher, temperature)
     per_token = (t.exp() * (t - s)).sum(-1)
     return _masked_mean(per_token, mask) * temperature**2
 
 
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
+    s, t = _log_probs(student, teacher, temperature)
     per_token = (s.exp() * (s - t)).sum(-1)
     return _masked_mean(per_token, mask) * temperature**2
 
@@ -44,8 +48,7 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float = 
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     if not 0.0 < beta < 1.0:
         raise ValueError("beta must lie strictly between 0 and 1")
-    t = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
+    s, t = _log_probs(student, teacher, temperature)
     m = torch.logsumexp(torch.stack([t + torch.log(torch.tensor(beta)), s + torch.log(torch.tensor(1 - beta))]), 0)
     per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
     return _masked_mean(per_token, mask) * temperature**2

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from server.engines.base import Chunk, Engine, GenerationRequest, RequestStats, TokenLogprob
-from server.errors import APIError, BadRequest, EngineError
+from server.errors import APIError, BadRequest
 from server.metrics import Metrics
 from server.protocol import new_id
 
@@ -147,7 +147,3 @@ def _add(result: ChoiceResult, chunk: Chunk) -> None:
 async def _wait_disconnect(http: Request) -> None:
     while not await http.is_disconnected():
         await asyncio.sleep(0.25)
-
-
-def engine_error(exc: BaseException) -> APIError:
-    return exc if isinstance(exc, APIError) else EngineError(f"generation failed: {type(exc).__name__}")

@@ -43,15 +43,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None):
+    """A server in a child process on a free port: `slimserve serve ARGS`, or any `command(port)`."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None,
+                 command=None, ready_path: str = "/ready"):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.ready_path = ready_path
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        argv = command(self.port) if command else [
+            sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float) -> None:
@@ -60,7 +65,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_text()}")
             try:
-                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base_url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

