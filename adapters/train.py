@@ -1,13 +1,12 @@
 """Fine-tuning in the seed's three modes: `lora` (PEFT adapter), `partial` (last N blocks or named
-modules), `full`. A plain PyTorch loop: AdamW, gradient accumulation, held-out loss before and
-after, periodic checkpoints, and a slimserve.json manifest with the figures."""
+modules), `full`. AdamW with a linear decay, driven by the shared loop in `compress.training`
+(accumulation, periodic held-out loss, checkpoints, resume); a slimserve.json manifest with the figures."""
 
 from __future__ import annotations
 
 import math
 import random
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +38,8 @@ class TrainConfig:
     eval_fraction: float = 0.1
     max_eval_examples: int = 64
     save_every: int = 0
+    eval_every: int = 0  # held-out loss every N steps into the manifest's eval_history (0: before/after only)
+    resume: bool = False  # continue from the newest checkpoint under out/checkpoints
     seed: int = 0
     base_name: str | None = None  # what the manifest and adapter_config call the base
 
@@ -81,8 +82,9 @@ def _prepare(model, cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.training import LoopConfig, train_loop
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -104,56 +106,48 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps))
 
-    eval_before = evaluate(model, held_out, cfg.batch_size, pad_id)
-    model.train()
-    losses: list[float] = []
-    tokens = 0
-    step = 0
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"train {cfg.mode}", unit="step", disable=not progress)
-    while step < total_steps:
-        random.shuffle(train_set)
-        batches = list(_batches(train_set, cfg.batch_size, pad_id))
-        for i in range(0, len(batches), cfg.grad_accum):
-            group = batches[i:i + cfg.grad_accum]
-            step_loss = 0.0
-            for ids, mask, labels in group:
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / len(group)
-                loss.backward()
-                step_loss += float(loss.detach())
-                tokens += int(mask.sum())
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            bar.update()
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                _save(model, tokenizer, cfg, cfg.out / "checkpoints" / f"step-{step}")
-            if step >= total_steps:
-                break
-    bar.close()
-    eval_after = evaluate(model, held_out, cfg.batch_size, pad_id)
+    def epoch_batches(epoch: int) -> list:
+        order = list(train_set)
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)  # rebuildable on resume
+        return list(_batches(order, cfg.batch_size, pad_id))
+
+    def loss_fn(batch):
+        ids, mask, labels = batch
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss, int(mask.sum())
+
+    loop = LoopConfig(max_steps=total_steps, out=cfg.out, grad_accum=cfg.grad_accum, eval_every=cfg.eval_every,
+                      save_every=cfg.save_every, resume=cfg.resume, desc=f"train {cfg.mode}", progress=progress,
+                      fingerprint=_fingerprint(cfg))
+    run = train_loop(model, epoch_batches, loss_fn, loop, optimizer=optimizer, scheduler=scheduler,
+                     evaluate=lambda: {"loss": evaluate(model, held_out, cfg.batch_size, pad_id)},
+                     save_model=lambda folder: _save(model, tokenizer, cfg, folder))
     _save(model, tokenizer, cfg, cfg.out)
+    losses = run.losses
     report = {
         "base": cfg.base_name or str(cfg.base),
         "mode": cfg.mode,
         "data": str(cfg.data),
         "data_sha256": file_hash(cfg.data),
         "examples": {"train": len(train_set), "held_out": len(held_out)},
-        "steps": step,
-        "tokens": tokens,
+        "steps": run.step,
+        "tokens": run.tokens,
         "trainable_parameters": n_trainable,
-        "seconds": round(time.perf_counter() - started, 1),
-        "held_out_loss": {"before": round(eval_before, 4), "after": round(eval_after, 4)},
+        "seconds": run.seconds,
+        "resumed_from_step": run.resumed_from,
+        "held_out_loss": {"before": run.eval_history[0]["loss"], "after": run.eval_history[-1]["loss"]},
+        "eval_history": run.eval_history,
         "train_loss": {"first": round(losses[0], 4), "last": round(losses[-1], 4),
                        "curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]]},
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("base", "data", "out")},
     }
     write_manifest(cfg.out, "adapter" if cfg.mode == "lora" else "model", **report)
     return report
+
+
+def _fingerprint(cfg: TrainConfig) -> dict:
+    """What a resumed run must share with the interrupted one (not the step budget or eval cadence)."""
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "eval_every", "save_every")}
+    return {**keep, "data": str(cfg.data), "data_sha256": file_hash(cfg.data)}
 
 
 def _save(model, tokenizer, cfg: TrainConfig, folder: Path) -> None:

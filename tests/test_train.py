@@ -106,3 +106,37 @@ def test_cli_trains(tiny_model_dir, chat_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "server", "adapters", "train", "--base", str(tmp_path),
                         "--data", str(chat_data), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "invalid setting 'base'" in r.stderr
+
+
+def stop_after_steps(monkeypatch, n: int) -> None:
+    """Simulate a killed run: the optimizer's (n+1)-th step raises."""
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_interrupted_lora_run_resumes_to_the_same_result(tiny_model_dir, chat_data, tmp_path, monkeypatch):
+    def cfg(out, resume=False):
+        return TrainConfig(base=str(tiny_model_dir), data=chat_data, out=out, rank=4, alpha=8, lr=3e-3, max_steps=8,
+                           batch_size=4, seq_len=64, save_every=4, eval_every=4, resume=resume)
+
+    whole = train(cfg(tmp_path / "whole"), progress=False)
+    with monkeypatch.context() as m:
+        stop_after_steps(m, 6)  # dies at step 7; checkpoint step-4 survives
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg(tmp_path / "cut"), progress=False)
+    assert not (tmp_path / "cut" / "slimserve.json").exists()
+    resumed = train(cfg(tmp_path / "cut", resume=True), progress=False)
+    manifest = read_manifest(tmp_path / "cut")
+    assert manifest["steps"] == 8 and manifest["resumed_from_step"] == 4
+    assert [e["step"] for e in manifest["eval_history"]] == [0, 4, 8]
+    # dropout, data order and the LR schedule continue where they were: the same curve and result
+    assert resumed["train_loss"]["curve"] == pytest.approx(whole["train_loss"]["curve"], abs=1e-3)
+    assert resumed["held_out_loss"]["after"] == pytest.approx(whole["held_out_loss"]["after"], abs=1e-3)
+    assert resumed["tokens"] == whole["tokens"]
