@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from compress.distill_losses import distill_loss, forward_kl, generalized_jsd, reverse_kl
+from compress.distill_losses import (distill_loss, forward_kl, generalized_jsd, reverse_kl, topk_distill_loss,
+                                     topk_forward_kl)
 
 
 @pytest.fixture()
@@ -61,3 +62,43 @@ def test_alpha_mixes_with_cross_entropy(logits):
     ce = torch.nn.functional.cross_entropy(s, labels)
     assert torch.allclose(distill_loss(s, t, labels, alpha=0.0), ce)
     assert torch.allclose(distill_loss(s, t, labels, alpha=1.0), forward_kl(s, t))
+
+
+def _topk(teacher: torch.Tensor, k: int):
+    top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    return top.indices.int(), top.values.half()  # as the cache stores them
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_kl_equals_forward_kl_when_k_is_the_vocab(logits, temperature):
+    s, t = logits
+    ids, lp = _topk(t, t.shape[-1])
+    full = float(forward_kl(s, t, temperature))
+    assert abs(float(topk_forward_kl(s, ids, lp, temperature)) - full) < 1e-2 * full  # float16 log-probs
+
+
+def test_topk_kl_is_zero_for_identical_distributions(logits):
+    _, t = logits
+    ids, lp = _topk(t, t.shape[-1])
+    assert abs(float(topk_forward_kl(t.clone(), ids, lp))) < 1e-3
+    # k < vocab: the target is the teacher truncated to its top k and renormalised; a student with
+    # exactly that distribution has zero loss, the untruncated teacher a positive one (its tail mass)
+    ids, lp = _topk(t, 4)
+    truncated = torch.full_like(t, -1e4).scatter(-1, ids.long(), lp.float())
+    assert abs(float(topk_forward_kl(truncated, ids, lp))) < 1e-3
+    tail = 1 - lp.float().exp().sum(-1)
+    assert float(topk_forward_kl(t, ids, lp)) == pytest.approx(float(-torch.log1p(-tail).mean()), rel=1e-2)
+
+
+def test_topk_loss_masks_mixes_and_reaches_the_student_only(logits):
+    s, t = logits
+    s = s.clone().requires_grad_(True)
+    ids, lp = _topk(t, 5)
+    lp.requires_grad_(True)
+    labels = torch.tensor([1, 2, -100, 3, 4, 5])
+    loss = topk_distill_loss(s, ids, lp, labels, alpha=0.5, temperature=2.0)
+    loss.backward()
+    assert s.grad[2].abs().sum() == 0 and s.grad[0].abs().sum() > 0  # the ignored position gives no gradient
+    assert lp.grad is None
+    ce = torch.nn.functional.cross_entropy(s.detach(), labels, ignore_index=-100)
+    assert torch.allclose(topk_distill_loss(s.detach(), ids, lp, labels, alpha=0.0), ce)
