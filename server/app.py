@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.engines.base import Engine
 from server.errors import install_error_handlers
+from server.request_log import install_request_log
 from server.metrics import Metrics
 from adapters.registry import AdapterRegistry
 from server.routes import adapters, chat, completions, health, models
@@ -57,6 +58,7 @@ def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None
     app = FastAPI(title="slimserve", version=__version__, lifespan=lifespan)
     app.state.slim = state
     install_error_handlers(app)
+    install_request_log(app, settings)  # x-request-id, one log line per request, body limit
     for module in (chat, completions, models, adapters, health):
         app.include_router(module.router)
     return app

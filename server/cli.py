@@ -36,6 +36,12 @@ def _serve_parser(sub) -> None:
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--log-level")
+    p.add_argument("--log-format", help="text | json (one JSON object per line, request lines with an id)")
+    p.add_argument("--max-request-bytes", type=int, help="largest request body (413 above)")
+    p.add_argument("--max-prompt-tokens", type=int, help="prompt tokens per choice (default: the context)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-n", type=int, help="largest n per request")
+    p.add_argument("--max-waiting", type=int, help="requests waiting per model before 429 with Retry-After")
     p.add_argument("--lora", action="append", help="NAME=PATH: a pinned adapter loaded at start; repeatable")
     p.add_argument("--adapter-root", dest="adapter_roots", action="append", type=Path,
                    help="folder whose adapters may be loaded at runtime and just in time; repeatable")
@@ -102,14 +108,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.engines.factory import build_engines
+    from server.request_log import configure_logging
     from server.settings import load_settings
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     settings = load_settings(args.config, **overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     engines = build_engines(settings)  # load before binding, so a bad model fails at start
     app = create_app(settings, engines)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                log_config=None)  # uvicorn's records go through configure_logging's handler
     return 0
 
 

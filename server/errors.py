@@ -27,11 +27,13 @@ class APIError(Exception):
     status_code = 500
     error_type = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.error_type, self.param, self.code)
@@ -67,6 +69,21 @@ class EngineError(APIError):
     error_type = "internal_error"
 
 
+class TooLarge(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class QueueFull(APIError):
+    """The model's waiting queue is at its bound: come back after `retry_after` seconds."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, code="queue_full", headers={"retry-after": str(retry_after)})
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -77,7 +94,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "), None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "missing":
         msg = "field required"
     elif first.get("type") == "extra_forbidden":
@@ -97,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engines.base import SamplingParams
 from server.errors import BadRequest
+from server.request_context import current
 
-MAX_STOP = 16
+MAX_STOP = 64  # hard cap in the schema; settings.max_stop is the server's own bound
 MAX_TOP_LOGPROBS = 20
 
 
@@ -53,10 +54,10 @@ class _SamplingFields(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=128)  # the server's own bound: settings.max_n
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -68,11 +69,35 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
+    # The configured bounds of this server (settings: `# limits (hardening)`), from the request context.
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, value):
+        limits = current().limits
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > limits.max_stop:
+            raise ValueError(f"at most {limits.max_stop} stop sequences")
+        if any(len(s) > limits.max_stop_chars for s in stops):
+            raise ValueError(f"stop sequences must be at most {limits.max_stop_chars} characters")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n_limit(cls, value: int) -> int:
+        if value > current().limits.max_n:
+            raise ValueError(f"n must be at most {current().limits.max_n}")
+        return value
+
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
+    @classmethod
+    def _max_tokens_limit(cls, value: int | None) -> int | None:
+        if value is not None and value > current().limits.max_tokens:
+            raise ValueError(f"must be at most {current().limits.max_tokens}")
+        return value
+
     @model_validator(mode="after")
     def _check(self):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         if self.logit_bias:
@@ -118,6 +143,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_chat(self):
+        current().model = self.model  # for the request log
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
@@ -144,11 +170,12 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_completion(self):
+        current().model = self.model  # for the request log
         if self.suffix:
             raise ValueError("suffix is not supported")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise ValueError("prompt must not be empty")
-        if isinstance(self.prompt, list) and len(self.prompt) * self.n > 64:
+        if len(self.prompts()) * self.n > 64:  # prompts, not tokens: a token-id prompt is one prompt
             raise ValueError("at most 64 choices (prompts x n) per request")
         return self
 

@@ -15,6 +15,7 @@ from fastapi import Request
 
 from server.engines.base import Chunk, Engine, GenerationRequest, RequestStats, TokenLogprob
 from server.errors import APIError, BadRequest
+from server.limits import admit
 from server.metrics import Metrics
 from server.protocol import new_id
 
@@ -50,6 +51,7 @@ def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logpro
             stats = RequestStats(model=model_name, adapter=adapter or "", prompt_tokens=len(ids))
             params = body.sampling(requested or room, logprobs, index)
             requests.append(GenerationRequest(new_id("gen"), list(ids), params, stats, adapter))
+    admit(engine, prompts, len(requests))  # prompt-token and waiting-queue bounds (429 + Retry-After)
     return requests
 
 

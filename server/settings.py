@@ -52,6 +52,17 @@ class ServeSettings(BaseSettings):
     admin_key: str | None = Field(None, min_length=1, description="key for adapter load/unload")
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # limits (hardening): bounded work per request and per model, logging, test-only fault injection
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted (413 above)")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="prompt tokens per choice; default: the context")
+    max_tokens_limit: int = Field(32768, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(16, ge=1, le=128, description="largest n (choices per prompt)")
+    max_stop: int = Field(8, ge=0, le=64, description="stop strings per request")
+    max_stop_chars: int = Field(256, ge=1, description="characters per stop string")
+    max_waiting: int = Field(256, ge=0, description="requests waiting per model before 429 + Retry-After")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
+    log_format: Literal["text", "json"] = "text"
+    fault_inject: bool = Field(False, description="tests only: honour the x-slimserve-fault request header")
 
     @field_validator("api_keys", "lora", "adapter_roots", mode="before")
     @classmethod
