@@ -42,6 +42,10 @@ def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None
                 state.adapters[model_id] = AdapterRegistry(
                     model_id, engine, roots=settings.adapter_roots, max_loras=settings.max_loras,
                     max_rank=settings.max_lora_rank, events=state.metrics)
+        if settings.router is not None:
+            from server.router.router import Router
+
+            state.routing = Router(settings.router, state)
         if settings.lora:
             registry = state.registry()
             for name, path in settings.lora_pairs():  # operator-given: pinned, and may live outside the roots

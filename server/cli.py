@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from server import cli_compress
+from server.bench import command as bench_command
 from server.errors import ConfigError
 
 
@@ -48,6 +49,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-loras", type=int, help="adapters resident at once (least recently used evicted)")
     p.add_argument("--max-lora-rank", type=int)
     p.add_argument("--admin-key", help="key for /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--shutdown-grace", type=float, help="SIGTERM: seconds in-flight requests get to finish")
 
 
 def _adapters_parser(sub) -> None:
@@ -104,20 +106,21 @@ def _adapters(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from server.app import create_app
     from server.engines.factory import build_engines
     from server.request_log import configure_logging
     from server.settings import load_settings
+    from server.shutdown import serve_until_drained
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     settings = load_settings(args.config, **overrides)
     configure_logging(settings.log_level, settings.log_format)
     engines = build_engines(settings)  # load before binding, so a bad model fails at start
     app = create_app(settings, engines)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                log_config=None)  # uvicorn's records go through configure_logging's handler
+    # uvicorn's records go through configure_logging's handler (log_config None)
+    serve_until_drained(app, app.state.slim, host=settings.host, port=settings.port, log_level=settings.log_level,
+                        grace=settings.shutdown_grace, log_config=None)
     return 0
 
 
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _adapters_parser(sub)
     cli_compress.add_parser(sub)
+    bench_command.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             return _adapters(args)
         if args.command == "compress":
             return cli_compress.run(args)
+        if args.command == "bench":
+            return bench_command.run(args)
     except ConfigError as exc:
         print(f"slimserve: {exc}", file=sys.stderr)
         return 2

@@ -65,6 +65,19 @@ class Metrics:
         self.engine_aborts = Counter("slimserve_engine_aborted_sequences", "Sequences the engine stopped early "
                                      "because their client went away.", ["model"], registry=r)
         self._seen_aborts: dict[str, int] = {}
+        self.route_decisions = Counter("slimserve_route_decisions", "Requests for `auto`, by policy, the target that "
+                                       "answered and the kind of reason.", ["policy", "target", "reason"], registry=r)
+        self.route_escalations = Counter("slimserve_route_escalations", "Cascade answers handed to the teacher.",
+                                         ["policy"], registry=r)
+        self.route_fallbacks = Counter("slimserve_route_fallbacks", "Targets skipped (unhealthy, queue full, "
+                                       "unreachable) and the target tried instead.", ["policy", "skipped", "to", "why"],
+                                       registry=r)
+        self.cascade_confidence = Histogram("slimserve_cascade_confidence", "Student confidence (token logprob) seen "
+                                            "by cascade policies.", ["policy"], registry=r,
+                                            buckets=(-5, -3, -2, -1.5, -1, -0.75, -0.5, -0.3, -0.2, -0.1, -0.05, 0))
+        self.route_score = Histogram("slimserve_route_learned_score", "Learned router: predicted probability that "
+                                     "the student's answer is good enough.", ["policy"], registry=r,
+                                     buckets=tuple(i / 10 for i in range(11)))
         self._process = psutil.Process(os.getpid())
 
     # adapter events (the registry calls these)

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
 
 from server.default_model import DEFAULT_MODEL_ID
 from server.errors import ConfigError
+from server.model_config import ModelEntry, RouterSettings
 
 
 def _default_cache_dir() -> Path:
@@ -52,6 +53,10 @@ class ServeSettings(BaseSettings):
     admin_key: str | None = Field(None, min_length=1, description="key for adapter load/unload")
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace: float = Field(30.0, ge=0, description="SIGTERM: seconds in-flight requests get to finish")
+    # several models in one server (serve.yaml); empty: the single model the settings above describe
+    models: list[ModelEntry] = Field(default_factory=list)
+    router: RouterSettings | None = None
     # limits (hardening): bounded work per request and per model, logging, test-only fault injection
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted (413 above)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="prompt tokens per choice; default: the context")
@@ -99,6 +104,35 @@ class ServeSettings(BaseSettings):
     def model_id(self) -> str:
         return self.served_model_name or _name_of(self.model)
 
+    @model_validator(mode="after")
+    def _check_models(self):
+        names = [e.name for e in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique; got {names}")
+        known = set(names) if self.models else {self.model_id}
+        for e in self.models:
+            if e.draft and e.draft not in known and not Path(e.draft).expanduser().is_dir():
+                raise ValueError(f"model '{e.name}': draft '{e.draft}' is neither a model entry nor a folder")
+        if self.router is not None:
+            missing = sorted(self.router.targets() - known)
+            if missing:
+                raise ValueError(f"router names models that are not served: {missing}; served: {sorted(known)}")
+        return self
+
+    def entries(self) -> list[ModelEntry]:
+        """The served models; a single-model configuration is one entry built from the top level."""
+        if self.models:
+            return list(self.models)
+        # constructed, not validated: a single model's id is whatever the operator named it (a path, a hub id)
+        return [ModelEntry.model_construct(name=self.model_id, model=self.model, engine=self.engine)]
+
+    def for_entry(self, entry: ModelEntry) -> "ServeSettings":
+        """The top-level settings with this entry's own fields laid over them (for one engine)."""
+        skip = {"name", "draft", "num_speculative_tokens", "base_url", "api_key_env", "upstream_model", "timeout"}
+        own = {k: v for k, v in entry.model_dump(exclude_unset=True).items() if k not in skip}
+        own.setdefault("model", self.model)
+        return self.model_copy(update={**own, "served_model_name": entry.name, "models": [], "router": None})
+
 
 def _name_of(model: str) -> str:
     if model == DEFAULT_MODEL_ID:
@@ -136,4 +170,5 @@ def load_settings(config: Path | None = None, **overrides: Any) -> ServeSettings
         setting = ".".join(str(p) for p in err["loc"]) or "settings"
         hint = " (unknown setting)" if err["type"] == "extra_forbidden" else ""
         raise ConfigError(setting, f"{err['msg']}{hint}; got {err.get('input')!r}") from exc
-    return ServeSettings.model_construct(**layered.model_dump())
+    # attributes, not model_dump(): nested entries stay models rather than dicts
+    return ServeSettings.model_construct(**{k: getattr(layered, k) for k in ServeSettings.model_fields})

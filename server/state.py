@@ -28,9 +28,19 @@ class AppState:
     engines: dict[str, Engine] = field(default_factory=dict)
     adapters: dict[str, AdapterRegistry] = field(default_factory=dict)  # base model id -> its adapters
     ready: bool = False
+    draining: bool = False  # SIGTERM received: finish what runs, take nothing new
     created: int = 0
+    routing: object | None = None  # server.router.router.Router, when serve.yaml has a router section
+
+    def router(self):
+        if self.routing is None:
+            raise NotFound("no router is configured (serve.yaml `router:` section); name a model instead",
+                           param="model", code="model_not_found")
+        return self.routing
 
     async def resolve(self, model: str) -> Target:
+        if self.draining:
+            raise Overloaded("the server is shutting down; retry on another replica", code="shutting_down")
         if not self.ready:
             raise Overloaded("the server is starting; models are not loaded yet")
         engine = self.engines.get(model)
@@ -40,7 +50,8 @@ class AppState:
             ref = await registry.resolve(model)
             if ref is not None:
                 return Target(self.engines[base], base, ref.name)
-        known = ", ".join(sorted([*self.engines, *(r.name for reg in self.adapters.values() for r in reg.list())]))
+        routed = self.routing.model_ids() if self.routing is not None else []
+        known = ", ".join(sorted([*self.engines, *routed, *(r.name for reg in self.adapters.values() for r in reg.list())]))
         raise NotFound(f"the model '{model}' does not exist; served models: {known or 'none'}", param="model",
                        code="model_not_found")
 

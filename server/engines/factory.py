@@ -17,19 +17,42 @@ VLLM_LOAD_TIME = {"int8": "int8_per_channel_weight_only", "fp8": "fp8", "int4": 
 
 def resolve_model_path(settings: ServeSettings) -> str:
     """The embedded default, a local folder, or (where the network allows) a hub id."""
-    if settings.model == DEFAULT_MODEL_ID:
-        return str(default_model_dir(settings.cache_dir))
-    path = Path(settings.model).expanduser()
+    return resolve_model(settings.model, settings.cache_dir)
+
+
+def resolve_model(model: str, cache_dir: Path, setting: str = "model") -> str:
+    if model == DEFAULT_MODEL_ID:
+        return str(default_model_dir(cache_dir))
+    path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ConfigError("model", f"{path} has no config.json; expected a Hugging Face model folder")
+            raise ConfigError(setting, f"{path} has no config.json; expected a Hugging Face model folder")
         return str(path)
-    if settings.model.startswith((".", "/", "~")):
-        raise ConfigError("model", f"no such folder: {settings.model}")
-    return settings.model  # a hub id
+    if model.startswith((".", "/", "~")):
+        raise ConfigError(setting, f"no such folder: {model}")
+    return model  # a hub id
 
 
 def build_engines(settings: ServeSettings) -> dict[str, Engine]:
+    """One engine per served model, in the order serve.yaml lists them."""
+    engines: dict[str, Engine] = {}
+    entries = settings.entries()
+    by_name = {e.name: e for e in entries}
+    for entry in entries:
+        if entry.engine == "remote":
+            from server.engines.remote import RemoteEngine
+
+            engines[entry.name] = RemoteEngine.from_entry(entry)
+            continue
+        draft = None
+        if entry.draft:  # another entry's model (or a folder) as the speculative draft
+            source = by_name[entry.draft].model if entry.draft in by_name else entry.draft
+            draft = resolve_model(source or settings.model, settings.cache_dir, f"models.{entry.name}.draft")
+        engines[entry.name] = _build_local(settings.for_entry(entry), draft, entry.num_speculative_tokens)
+    return engines
+
+
+def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tokens: int) -> Engine:
     path = resolve_model_path(settings)
     if settings.engine == "vllm":
         from server.engines.vllm_engine import VLLMEngine
@@ -37,12 +60,14 @@ def build_engines(settings: ServeSettings) -> dict[str, Engine]:
         options = settings.vllm_options()
         if settings.quantization in VLLM_LOAD_TIME:  # slimserve's names for vLLM's own load-time methods
             options["quantization"] = VLLM_LOAD_TIME[settings.quantization]
-        engine = VLLMEngine.load(
+        if draft:  # vLLM's draft-model speculative decoding
+            options["speculative_config"] = {"method": "draft_model", "model": draft,
+                                             "num_speculative_tokens": num_speculative_tokens}
+        return VLLMEngine.load(
             settings.model_id, path, dtype=settings.dtype, max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             options=options, trust_remote_code=settings.trust_remote_code,
         )
-        return {settings.model_id: engine}
     vllm_only = {k for k in settings.vllm_options() if k != "quantization"}
     if vllm_only:
         raise ConfigError(sorted(vllm_only)[0], "this setting applies to the vllm engine only")
@@ -54,4 +79,6 @@ def build_engines(settings: ServeSettings) -> dict[str, Engine]:
         max_prefill_tokens=settings.max_prefill_tokens, trust_remote_code=settings.trust_remote_code,
         quantization=settings.quantization,
     )
-    return {settings.model_id: engine}
+    if draft:
+        engine.attach_draft(draft, num_speculative_tokens)
+    return engine

@@ -19,7 +19,8 @@ from server.engines.adapter_slots import AdapterSlots
 from server.engines.lora import LoRAManager
 from server.engines.scheduler import BatchScheduler
 from server.engines.tokenizing import HFTokenizing
-from server.errors import ConfigError, NotFound
+from server.errors import APIError, ConfigError, EngineError, NotFound
+from server.request_context import current
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class TorchEngine(HFTokenizing):
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.speculative = None  # SpeculativeDecoder, when a draft model is attached
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
         self.lora = LoRAManager(model, dtype=_param_dtype(model))
         self.adapter_slots = AdapterSlots(free=self.lora.remove)
@@ -115,8 +118,18 @@ class TorchEngine(HFTokenizing):
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method)
 
+    def attach_draft(self, path: str, num_tokens: int) -> None:
+        from server.engines.speculative import SpeculativeDecoder, load_draft
+
+        draft = load_draft(path, self.model, self.tokenizer, _param_dtype(self.model), self.device)
+        self.speculative = SpeculativeDecoder(self.model, draft, self.tokenizer, self.eos_ids, num_tokens, self.device)
+
     # ---- generation -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if self.speculative is not None and self._speculate(request):
+            async for chunk in self._generate_speculative(request):
+                yield chunk
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         slot = None
@@ -125,7 +138,8 @@ class TorchEngine(HFTokenizing):
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
         try:
-            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot)
+            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot,
+                                   fault=current().fault)
         except BaseException:
             if slot is not None:
                 self.adapter_slots.release(slot)
@@ -144,6 +158,43 @@ class TorchEngine(HFTokenizing):
         finally:
             if not finished:  # the consumer went away (client disconnect): stop generating
                 self._scheduler.abort(request.request_id)
+
+    def _speculate(self, request: GenerationRequest) -> bool:
+        from server.engines.speculative import eligible
+
+        running, waiting, _ = self._scheduler.counts()
+        return running == 0 and waiting == 0 and eligible(request.params, request.adapter)
+
+    async def _generate_speculative(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """One request alone through assisted generation, run on the engine thread like all torch work."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        aborted = False
+
+        def emit(item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> None:
+            self.lora.begin_step([None])  # no adapter rows: the LoRA wrappers pass through
+            self.speculative.run(request, emit, self.max_model_len, lambda: aborted)
+
+        job = asyncio.wrap_future(self._scheduler.call(run))
+        job.add_done_callback(lambda f: not f.cancelled() and f.exception() and emit(f.exception()))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item if isinstance(item, APIError) else EngineError(
+                        f"generation failed: {type(item).__name__}: {item}")
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                aborted = True  # read by the stopping criterion between speculation rounds
 
     # ---- adapters (the registry's backend) ------------------------------------------------------
     def base_shapes(self) -> dict[str, tuple[int, int]]:

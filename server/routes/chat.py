@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions, and how a local engine answers one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request
 from server.auth import ClientAuth, State
 from server.engines.base import TokenLogprob
 from server.protocol import ChatCompletionRequest, new_id, now, usage
-from server.routes.sse import event, sse_response
 from server.serving import plan, run_all, stream_all
 
 router = APIRouter(dependencies=[ClientAuth])
@@ -18,22 +17,27 @@ router = APIRouter(dependencies=[ClientAuth])
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    target = await state.resolve(body.model)
+    from server.respond import respond
+
+    return await respond("chat", body, request, state)
+
+
+async def _plan(target, body: ChatCompletionRequest):
     engine = target.engine
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
     ids = await asyncio.to_thread(engine.render_chat, messages, body.add_generation_prompt,
                                   **(body.chat_template_kwargs or {}))
-    requests = plan(engine, [ids], body, target.base, body.logprobs_count(), target.adapter)
-    rid, created = new_id("chatcmpl"), now()
-    if body.stream:
-        return sse_response(_stream(engine, requests, body, rid, created, state))
-    results = await run_all(engine, requests, request, state.metrics)
-    completion_tokens = sum(len(r.token_ids) for r in results)
+    return ids, plan(engine, [ids], body, target.base, body.logprobs_count(), target.adapter)
+
+
+async def complete_local(target, body: ChatCompletionRequest, http: Request, state, name: str) -> dict:
+    ids, requests = await _plan(target, body)
+    results = await run_all(target.engine, requests, http, state.metrics)
     return {
-        "id": rid,
+        "id": new_id("chatcmpl"),
         "object": "chat.completion",
-        "created": created,
-        "model": body.model,
+        "created": now(),
+        "model": name,
         "choices": [
             {
                 "index": i,
@@ -43,15 +47,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             }
             for i, r in enumerate(results)
         ],
-        "usage": usage(len(ids), completion_tokens),
+        "usage": usage(len(ids), sum(len(r.token_ids) for r in results)),
     }
 
 
-async def _stream(engine, requests, body: ChatCompletionRequest, rid: str, created: int, state
-                  ) -> AsyncIterator[str]:
-    def chunk(choices: list, **extra) -> str:
-        return event({"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                      "choices": choices, **extra})
+async def open_local_stream(target, body: ChatCompletionRequest, state, name: str) -> AsyncIterator[dict]:
+    """Validate now (errors become HTTP 400s), stream later."""
+    _, requests = await _plan(target, body)
+    return _stream(target.engine, requests, body, new_id("chatcmpl"), now(), state, name)
+
+
+async def _stream(engine, requests, body: ChatCompletionRequest, rid: str, created: int, state, name: str
+                  ) -> AsyncIterator[dict]:
+    def chunk(choices: list, **extra) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": choices, **extra}
 
     for i in range(len(requests)):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

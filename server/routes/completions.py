@@ -1,4 +1,4 @@
-"""POST /v1/completions."""
+"""POST /v1/completions, and how a local engine answers one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request
 from server.auth import ClientAuth, State
 from server.engines.base import TokenLogprob
 from server.protocol import CompletionRequest, new_id, now, require, usage
-from server.routes.sse import event, sse_response
 from server.serving import plan, run_all, stream_all
 
 router = APIRouter(dependencies=[ClientAuth])
@@ -18,7 +17,12 @@ router = APIRouter(dependencies=[ClientAuth])
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State):
-    target = await state.resolve(body.model)
+    from server.respond import respond
+
+    return await respond("completions", body, request, state)
+
+
+async def _plan(target, body: CompletionRequest):
     engine = target.engine
     prompts = []
     for p in body.prompts():
@@ -29,10 +33,12 @@ async def completions(body: CompletionRequest, request: Request, state: State):
             prompts.append(list(p))
     requests = plan(engine, prompts, body, target.base, body.logprobs, target.adapter)
     echoes = [engine.decode(p) if body.echo else "" for p in prompts]
-    rid, created = new_id("cmpl"), now()
-    if body.stream:
-        return sse_response(_stream(engine, requests, body, echoes, rid, created, state))
-    results = await run_all(engine, requests, request, state.metrics)
+    return prompts, requests, echoes
+
+
+async def complete_local(target, body: CompletionRequest, http: Request, state, name: str) -> dict:
+    prompts, requests, echoes = await _plan(target, body)
+    results = await run_all(target.engine, requests, http, state.metrics)
     choices = []
     for i, r in enumerate(results):
         prefix = echoes[i // body.n]
@@ -43,20 +49,26 @@ async def completions(body: CompletionRequest, request: Request, state: State):
             "finish_reason": r.finish_reason,
         })
     return {
-        "id": rid,
+        "id": new_id("cmpl"),
         "object": "text_completion",
-        "created": created,
-        "model": body.model,
+        "created": now(),
+        "model": name,
         "choices": choices,
         "usage": usage(sum(len(p) for p in prompts) * body.n, sum(len(r.token_ids) for r in results)),
     }
 
 
-async def _stream(engine, requests, body: CompletionRequest, echoes: list[str], rid: str, created: int, state
-                  ) -> AsyncIterator[str]:
-    def chunk(choices: list, **extra) -> str:
-        return event({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                      "choices": choices, **extra})
+async def open_local_stream(target, body: CompletionRequest, state, name: str) -> AsyncIterator[dict]:
+    """Validate now (errors become HTTP 400s), stream later."""
+    _, requests, echoes = await _plan(target, body)
+    return _stream(target.engine, requests, body, echoes, new_id("cmpl"), now(), state, name)
+
+
+async def _stream(engine, requests, body: CompletionRequest, echoes: list[str], rid: str, created: int, state,
+                  name: str) -> AsyncIterator[dict]:
+    def chunk(choices: list, **extra) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                "choices": choices, **extra}
 
     offsets = [0] * len(requests)
     if body.echo:

@@ -19,8 +19,11 @@ async def health():
 @router.get("/ready")
 async def ready(state: State):
     engines_ok = {m: e.health() for m, e in state.engines.items()}
-    ok = state.ready and bool(engines_ok) and all(engines_ok.values())
-    return JSONResponse({"ready": ok, "models": engines_ok}, status_code=200 if ok else 503)
+    # a remote upstream being down does not make this server unready: the router falls back around it
+    local = [ok for m, ok in engines_ok.items() if not getattr(state.engines[m], "base_url", None)]
+    ok = state.ready and not state.draining and bool(engines_ok) and all(local)
+    return JSONResponse({"ready": ok, "draining": state.draining, "models": engines_ok},
+                        status_code=200 if ok else 503)
 
 
 @router.get("/metrics", dependencies=[ClientAuth])

@@ -13,10 +13,16 @@ router = APIRouter(dependencies=[ClientAuth])
 def _cards(state) -> list[dict]:
     cards = []
     for model_id, engine in state.engines.items():
-        cards.append({"id": model_id, "object": "model", "created": state.created, "owned_by": "slimserve",
+        cards.append({"id": model_id, "object": "model", "created": state.created,
+                      "owned_by": "remote" if getattr(engine, "base_url", None) else "slimserve",
                       "root": getattr(engine, "source", "") or model_id, "parent": None,
-                      "max_model_len": engine.max_model_len,
+                      "max_model_len": engine.max_model_len or None,
                       "quantization": getattr(engine, "quantization", None), "weight_bytes": engine.weight_bytes})
+    if state.routing is not None:
+        for model_id in state.routing.model_ids():
+            cards.append({"id": model_id, "object": "model", "created": state.created,
+                      "owned_by": "remote" if getattr(engine, "base_url", None) else "slimserve",
+                          "root": "router", "parent": None, "policy": state.routing.policy(model_id)[0]})
     for registry in state.adapters.values():
         for ref in registry.list():
             cards.append({"id": ref.name, "object": "model", "created": int(ref.loaded_at), "owned_by": "slimserve",

@@ -17,17 +17,26 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+def sse_response(events: AsyncIterator[dict], headers: dict[str, str] | None = None) -> StreamingResponse:
     async def guarded() -> AsyncIterator[str]:
         try:
             async for item in events:
-                yield item
+                yield event(item)
         except APIError as exc:
             yield event(exc.body())
         except Exception as exc:  # headers are gone: report the error in-band, then end the stream
             log.exception("stream failed")
             yield event(EngineError(f"generation failed: {type(exc).__name__}").body())
+        finally:
+            await _close(events)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(guarded(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
+
+
+async def _close(events: AsyncIterator[dict]) -> None:
+    """Closing the source early (client gone) cancels its generation, local or upstream."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()

@@ -1,0 +1,1 @@
+"""Routing between served models: policies for the virtual model `auto`."""

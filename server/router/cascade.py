@@ -1,0 +1,98 @@
+"""The `cascade` policy: the student answers first; when it is not confident enough (mean or minimum
+token logprob under the threshold) the teacher answers instead.
+
+Non-streamed, the decision follows the student's whole answer. Streamed, it follows the student's
+first K tokens, before anything reaches the client: a confident student's buffered chunks are sent
+and its stream continues; otherwise the student's stream is closed (its generation aborted) and the
+teacher streams from the start."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from server.answer import complete, open_stream
+from server.engines.remote import UpstreamUnavailable
+from server.model_config import CascadePolicy
+from server.router.confidence import confidence, response_confidence, token_logprobs
+from server.router.router import Decision, Router
+from server.routes.sse import sse_response
+
+
+def with_logprobs(kind: str, body):
+    """The student's request: the same, but asking for the logprobs its confidence is read from."""
+    if kind == "chat":
+        return body.model_copy(update={"logprobs": True})
+    return body.model_copy(update={"logprobs": body.logprobs if body.logprobs is not None else 0})
+
+
+def asked_logprobs(kind: str, body) -> bool:
+    return bool(body.logprobs) if kind == "chat" else body.logprobs is not None
+
+
+def _strip(item: dict) -> dict:
+    for choice in item.get("choices", []):
+        choice["logprobs"] = None
+    return item
+
+
+async def run_cascade(router: Router, name: str, policy: CascadePolicy, kind: str, body, http: Request):
+    metrics = router.state.metrics
+    why = router.unavailable(policy.student)
+    if why is not None:  # no point asking a student that cannot answer now
+        decision = Decision(name, policy.student, "cascade", "cascade")
+        return await router.answer(router.fell_back(decision, policy.student, policy.teacher, why),
+                                   [policy.teacher], kind, body, http)
+    student = await router.state.resolve(policy.student)
+    student_body = with_logprobs(kind, body)
+    keep_logprobs = asked_logprobs(kind, body)
+    try:
+        if body.stream:
+            events = await open_stream(kind, student, student_body, router.state, policy.student)
+            head, score, events = await _first_tokens(events, policy)
+        else:
+            result = await complete(kind, student, student_body, http, router.state, policy.student)
+            score = response_confidence(result, policy.metric)
+    except UpstreamUnavailable:
+        decision = Decision(name, policy.student, "cascade", "cascade")
+        return await router.answer(router.fell_back(decision, policy.student, policy.teacher, "unreachable"),
+                                   [policy.teacher], kind, body, http)
+    metrics.cascade_confidence.labels(name).observe(score)
+    if score >= policy.threshold:
+        decision = Decision(name, policy.student, f"confident {policy.metric} {score:.3f}>={policy.threshold}",
+                            "confident")
+        router.record(decision)
+        if body.stream:
+            return sse_response(_replay(head, events, keep_logprobs), decision.header())
+        return JSONResponse(result if keep_logprobs else _strip(result), headers=decision.header())
+    if body.stream:
+        await events.aclose()  # stop the student's generation; the teacher starts over
+    metrics.route_escalations.labels(name).inc()
+    decision = Decision(name, policy.teacher, f"escalated {policy.metric} {score:.3f}<{policy.threshold}",
+                        "escalated")
+    return await router.answer(decision, [policy.teacher], kind, body, http)
+
+
+async def _first_tokens(events: AsyncIterator[dict], policy: CascadePolicy):
+    """Buffer chunks until K tokens (or the end); return them, the confidence and the rest."""
+    head: list[dict] = []
+    values: list[float] = []
+    async for item in events:
+        head.append(item)
+        for choice in item.get("choices", []):
+            values.extend(token_logprobs(choice))
+        if len(values) >= policy.first_tokens:
+            break
+    return head, confidence(values, policy.metric), events
+
+
+async def _replay(head: list[dict], events: AsyncIterator[dict], keep_logprobs: bool) -> AsyncIterator[dict]:
+    try:
+        for item in head:
+            yield item if keep_logprobs else _strip(item)
+        async for item in events:
+            yield item if keep_logprobs else _strip(item)
+    finally:
+        await events.aclose()

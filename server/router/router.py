@@ -1,0 +1,165 @@
+"""The router behind the virtual model `auto`: pick a policy, let it choose, skip targets that are
+unhealthy or queued past the limit (fallback), answer, and say in `x-slimserve-route` what served
+the request and why. The response's `model` is the real target."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from server.answer import complete, open_stream
+from server.engines.remote import RemoteEngine, UpstreamUnavailable
+from server.errors import NotFound, Overloaded
+from server.model_config import AUTO, CascadePolicy, FixedPolicy, LearnedPolicy, RouterSettings, RulesPolicy
+from server.routes.sse import sse_response
+from server.router import rules
+
+log = logging.getLogger(__name__)
+ROUTE_HEADER = "x-slimserve-route"
+
+
+@dataclass
+class Decision:
+    policy: str
+    target: str
+    reason: str  # free text, for the header
+    kind: str  # low-cardinality, for metrics
+
+    def header(self) -> dict[str, str]:
+        return {ROUTE_HEADER: f"policy={self.policy}; target={self.target}; reason={self.reason}"}
+
+
+class Router:
+    def __init__(self, settings: RouterSettings, state):
+        self.settings = settings
+        self.state = state
+        self._learned = {}
+        for name, policy in settings.policies.items():
+            if isinstance(policy, LearnedPolicy):
+                from server.router.learned import LearnedRouter
+
+                self._learned[name] = LearnedRouter.load(policy.path)
+
+    def model_ids(self) -> list[str]:
+        return [AUTO, *(f"{AUTO}:{name}" for name in self.settings.policies)]
+
+    def policy(self, model: str):
+        name = model.partition(":")[2] or self.settings.default
+        policy = self.settings.policies.get(name)
+        if policy is None:
+            raise NotFound(f"no routing policy '{name}'; policies: {sorted(self.settings.policies)}",
+                           param="model", code="model_not_found")
+        return name, policy
+
+    # ---- the request ---------------------------------------------------------------------------
+    async def respond(self, kind: str, body, http: Request, state):
+        name, policy = self.policy(body.model)
+        if isinstance(policy, CascadePolicy):
+            from server.router.cascade import run_cascade
+
+            return await run_cascade(self, name, policy, kind, body, http)
+        target, reason, reason_kind = await self._choose(name, policy, kind, body, http)
+        order = [target, *self._alternatives(policy, target)]
+        return await self.answer(Decision(name, target, reason, reason_kind), order, kind, body, http)
+
+    async def _choose(self, name: str, policy, kind: str, body, http: Request) -> tuple[str, str, str]:
+        if isinstance(policy, FixedPolicy):
+            return policy.target, "fixed", "fixed"
+        if isinstance(policy, RulesPolicy):
+            target, reason = rules.decide(policy, await self.facts(kind, body, http))
+            return target, reason, reason.replace(" ", "")
+        if isinstance(policy, LearnedPolicy):
+            learned = self._learned[name]
+            text = last_user_text(kind, body)
+            p = await asyncio.to_thread(learned.student_probability, text)
+            threshold = policy.threshold if policy.threshold is not None else learned.threshold
+            self.state.metrics.route_score.labels(name).observe(p)
+            if p >= threshold:
+                return policy.student, f"p_student_ok {p:.3f}>={threshold:.3f}", "learned_student"
+            return policy.teacher, f"p_student_ok {p:.3f}<{threshold:.3f}", "learned_teacher"
+        raise TypeError(f"unknown policy {policy!r}")
+
+    def _alternatives(self, policy, target: str) -> list[str]:
+        if isinstance(policy, (FixedPolicy, RulesPolicy)):
+            pool = [*policy.fallback]
+            if isinstance(policy, RulesPolicy):
+                pool += [policy.default, *(r.target for r in policy.rules)]
+        else:
+            pool = [policy.student, policy.teacher]
+        seen, out = {target}, []
+        for name in pool:
+            if name not in seen:
+                seen.add(name)
+                out.append(name)
+        return out
+
+    # ---- fallback and answering ----------------------------------------------------------------
+    def unavailable(self, name: str) -> str | None:
+        """Why this target should be skipped now, or None."""
+        engine = self.state.engines[name]
+        if not engine.health():
+            return "unhealthy"
+        if not isinstance(engine, RemoteEngine) and engine.stats().waiting > self.settings.fallback.max_waiting:
+            return "queue_full"
+        return None
+
+    def record(self, decision: Decision) -> None:
+        self.state.metrics.route_decisions.labels(decision.policy, decision.target, decision.kind).inc()
+
+    def fell_back(self, decision: Decision, skipped: str, to: str, why: str) -> Decision:
+        self.state.metrics.route_fallbacks.labels(decision.policy, skipped, to, why).inc()
+        log.info("route %s: %s skipped (%s), trying %s", decision.policy, skipped, why, to)
+        return Decision(decision.policy, to, f"fallback from {skipped} ({why}) after {decision.reason}", "fallback")
+
+    async def answer(self, decision: Decision, order: list[str], kind: str, body, http: Request):
+        """Answer from the first target in `order` that is available; a refused upstream is skipped too."""
+        last_error: Exception | None = None
+        for i, name in enumerate(order):
+            if i > 0:
+                decision = self.fell_back(decision, order[i - 1], name, why)
+            why = self.unavailable(name)
+            if why is not None and i < len(order) - 1:
+                continue
+            target = await self.state.resolve(name)
+            try:
+                if body.stream:
+                    events = await open_stream(kind, target, body, self.state, name)
+                    self.record(decision)
+                    return sse_response(events, decision.header())
+                result = await complete(kind, target, body, http, self.state, name)
+                self.record(decision)
+                return JSONResponse(result, headers=decision.header())
+            except UpstreamUnavailable as exc:
+                why, last_error = "unreachable", exc
+        raise last_error or Overloaded("no routing target is available")
+
+    # ---- request facts -------------------------------------------------------------------------
+    async def facts(self, kind: str, body, http: Request) -> rules.RequestFacts:
+        return rules.RequestFacts(prompt_tokens=await self.count_prompt_tokens(kind, body),
+                                  max_tokens=body.requested_max_tokens(), text=last_user_text(kind, body),
+                                  headers={k.lower(): v for k, v in http.headers.items()})
+
+    async def count_prompt_tokens(self, kind: str, body) -> int:
+        """With the first local model's tokenizer; with only remote models, about 4 characters a token."""
+        local = next((e for e in self.state.engines.values() if not isinstance(e, RemoteEngine)), None)
+        if local is None:
+            return len(last_user_text(kind, body)) // 4
+        if kind == "chat":
+            messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
+            ids = await asyncio.to_thread(local.render_chat, messages, body.add_generation_prompt)
+            return len(ids)
+        prompts = body.prompts()
+        return max(len(p) if isinstance(p, list) else len(await asyncio.to_thread(local.encode, p)) for p in prompts)
+
+
+def last_user_text(kind: str, body) -> str:
+    if kind == "chat":
+        users = [m for m in body.messages if m.role == "user"]
+        return (users[-1] if users else body.messages[-1]).text()
+    prompts = body.prompts()
+    first = prompts[0] if prompts else ""
+    return first if isinstance(first, str) else ""

@@ -1,0 +1,179 @@
+"""The router end to end: a real slimserve serving a teacher, a student, a remote upstream (a second
+slimserve on its own free port) and a remote whose port is closed, driven with the OpenAI client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.conftest import TINY, ServerProcess, free_port
+from tests.tiny_model import build_tiny_model
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    # same tokenizer as the teacher (built from the same text), different weights, half the blocks
+    return build_tiny_model(tmp_path_factory.mktemp("student") / "model", seed=1, layers=1)
+
+
+@pytest.fixture(scope="module")
+def upstream(start_server, tiny_model_dir):
+    return start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--dtype", "float32",
+                         "--api-key", "upstream-key"])
+
+
+@pytest.fixture(scope="module")
+def router_server(tmp_path_factory, tiny_model_dir, student_dir, upstream):
+    config = {
+        "dtype": "float32",
+        "models": [
+            {"name": "teacher", "model": str(tiny_model_dir)},
+            {"name": "student", "model": str(student_dir)},
+            {"name": "far", "engine": "remote", "base_url": f"{upstream.base_url}/v1", "upstream_model": TINY,
+             "api_key_env": "FAR_KEY", "timeout": 60},
+            {"name": "dead", "engine": "remote", "base_url": f"http://127.0.0.1:{free_port()}/v1", "timeout": 5},
+        ],
+        "router": {
+            "default": "small",
+            "policies": {
+                "small": {"type": "fixed", "target": "student"},
+                "rules": {"type": "rules", "default": "student", "rules": [
+                    {"regex": "(?i)capital", "target": "teacher"},
+                    {"max_tokens_over": 20, "target": "teacher"},
+                    {"header": "x-tier", "header_value": "premium", "target": "far"},
+                    {"prompt_tokens_over": 200, "target": "teacher"},
+                ]},
+                "never_escalate": {"type": "cascade", "student": "student", "teacher": "teacher",
+                                   "threshold": -1000.0, "first_tokens": 4},
+                "always_escalate": {"type": "cascade", "student": "student", "teacher": "teacher",
+                                    "threshold": -1e-9, "metric": "min_logprob", "first_tokens": 4},
+                "mid": {"type": "cascade", "student": "student", "teacher": "teacher", "threshold": -3.0},
+                "deadfirst": {"type": "fixed", "target": "dead", "fallback": ["far", "student"]},
+                "deadstudent": {"type": "cascade", "student": "dead", "teacher": "teacher", "threshold": -1.0},
+            },
+        },
+    }
+    folder = tmp_path_factory.mktemp("router")
+    (folder / "serve.yaml").write_text(yaml.safe_dump(config))
+    server = ServerProcess(["--config", str(folder / "serve.yaml")], env={"FAR_KEY": "upstream-key"},
+                           log_path=folder / "server.log")
+    server.wait_ready(180)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(router_server):
+    return openai.OpenAI(base_url=f"{router_server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, model, **kw):
+    kw.setdefault("max_tokens", 8)
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=kw.pop("messages", PROMPT),
+                                                           temperature=0, **kw)
+    return raw.parse(), raw.headers.get("x-slimserve-route", "")
+
+
+def route(header: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in header.split("; "))
+
+
+def test_models_lists_every_target_and_auto(client):
+    ids = {m.id for m in client.models.list().data}
+    assert {"teacher", "student", "far", "dead", "auto", "auto:rules", "auto:mid"} <= ids
+
+
+def test_fixed_policy_and_default(client):
+    resp, header = chat(client, "auto")
+    assert resp.model == "student"
+    assert route(header) == {"policy": "small", "target": "student", "reason": "fixed"}
+
+
+def test_rules_policy(client):
+    assert chat(client, "auto:rules")[0].model == "teacher"  # regex on the last user message
+    hello = [{"role": "user", "content": "Hello there"}]
+    assert chat(client, "auto:rules", messages=hello)[0].model == "student"  # no rule: default
+    resp, header = chat(client, "auto:rules", messages=hello, max_tokens=30)
+    assert resp.model == "teacher" and route(header)["reason"] == "rule 1"
+    resp, header = chat(client, "auto:rules", messages=hello, extra_headers={"x-tier": "premium"})
+    assert resp.model == "far" and route(header)["reason"] == "rule 2"
+    long = [{"role": "user", "content": "Hello there " * 150}]
+    assert chat(client, "auto:rules", messages=long)[0].model == "teacher"
+
+
+def test_named_models_answer_directly(client):
+    teacher = chat(client, "teacher")[0]
+    assert teacher.model == "teacher" and teacher.choices[0].message.content
+    # the remote answers exactly what its upstream (the same weights) answers locally
+    far = chat(client, "far")[0]
+    assert far.model == "far"
+    assert far.choices[0].message.content == teacher.choices[0].message.content
+
+
+def test_cascade_escalates_below_threshold_only(client):
+    resp, header = chat(client, "auto:never_escalate")
+    assert resp.model == "student" and route(header)["reason"].startswith("confident")
+    assert resp.choices[0].logprobs is None  # asked for internally, not by the client
+    resp, header = chat(client, "auto:always_escalate")
+    assert resp.model == "teacher" and route(header)["reason"].startswith("escalated")
+    # the decision is the student's own confidence against the threshold
+    direct = client.chat.completions.create(model="student", messages=PROMPT, temperature=0, max_tokens=8,
+                                            logprobs=True)
+    mean = sum(t.logprob for t in direct.choices[0].logprobs.content) / len(direct.choices[0].logprobs.content)
+    resp, header = chat(client, "auto:mid")
+    assert resp.model == ("student" if mean >= -3.0 else "teacher")
+    assert f"{mean:.3f}" in route(header)["reason"]
+
+
+def test_cascade_streaming_decides_before_sending(client):
+    for policy, expected in (("never_escalate", "student"), ("always_escalate", "teacher")):
+        with client.chat.completions.with_streaming_response.create(
+                model=f"auto:{policy}", messages=PROMPT, temperature=0, max_tokens=12, stream=True) as raw:
+            assert route(raw.headers["x-slimserve-route"])["target"] == expected
+            chunks = list(raw.parse())
+        assert {c.model for c in chunks} == {expected}
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        alone = client.chat.completions.create(model=expected, messages=PROMPT, temperature=0, max_tokens=12)
+        assert text == alone.choices[0].message.content  # nothing of the student leaks into a teacher answer
+        assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+
+
+def test_fallback_when_remote_port_is_closed(client):
+    resp, header = chat(client, "auto:deadfirst")
+    assert resp.model == "far"
+    parts = route(header)
+    assert parts["target"] == "far" and "fallback from dead" in parts["reason"]
+    resp, header = chat(client, "auto:deadstudent")  # the cascade's student is down: the teacher answers
+    assert resp.model == "teacher" and "fallback from dead" in route(header)["reason"]
+
+
+def test_remote_errors_and_streams_pass_through(client, router_server):
+    with pytest.raises(openai.BadRequestError) as err:  # the upstream's own 400, in OpenAI shape
+        client.chat.completions.create(model="far", messages=PROMPT, max_tokens=4000)
+    assert err.value.body["code"] == "context_length_exceeded"
+    chunks = list(client.chat.completions.create(model="far", messages=PROMPT, temperature=0, max_tokens=6,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 6 and {c.model for c in chunks} == {"far"}
+    with pytest.raises(openai.APIStatusError) as err:  # a named remote that is down: 503, not a hang
+        client.chat.completions.create(model="dead", messages=PROMPT, max_tokens=4)
+    assert err.value.status_code == 503 and err.value.body["code"] == "upstream_unavailable"
+    ready = httpx.get(f"{router_server.base_url}/ready").json()
+    assert ready["ready"] and ready["models"]["dead"] is False  # a down upstream does not unready the router
+
+
+def test_unknown_policy_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "auto:nope")
+
+
+def test_route_metrics(client, router_server):
+    chat(client, "auto:always_escalate")
+    text = httpx.get(f"{router_server.base_url}/metrics").text
+    assert 'slimserve_route_decisions_total{policy="always_escalate",reason="escalated",target="teacher"}' in text
+    assert 'slimserve_route_escalations_total{policy="always_escalate"}' in text
+    assert "slimserve_cascade_confidence_bucket" in text
+    assert 'slimserve_route_fallbacks_total{policy="deadfirst",skipped="dead",to="far"' in text
