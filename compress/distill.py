@@ -1,18 +1,20 @@
 """`slimserve compress distill`: train a student on a teacher's soft labels (logit KD) or on
-text the teacher wrote (sequence-level KD, `--generate`). Teacher logits are computed on the fly."""
+text the teacher wrote (sequence-level KD, `--generate`). Teacher logits are computed on the fly, or
+read from a top-k cache built once (`--cache-teacher DIR`, then `--teacher-cache DIR`: no teacher
+loaded). Training runs on the shared loop in compress.training (periodic eval, checkpoints, resume)."""
 
 from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from compress.data import IGNORE, pad_batches, read_records, tokenize
-from compress.distill_losses import distill_loss
+from compress.distill_losses import distill_loss, topk_distill_loss
 from compress.manifest import file_hash, write_manifest
 
 
@@ -22,7 +24,7 @@ class DistillError(ValueError):
 
 @dataclass
 class DistillConfig:
-    teacher: Path
+    teacher: Path | None  # None with teacher_cache: the cache stands in for it
     student: Path
     out: Path
     data: Path
@@ -37,6 +39,11 @@ class DistillConfig:
     seq_len: int = 256
     eval_fraction: float = 0.1
     save_every: int = 0
+    eval_every: int = 0  # held-out loss and KL every N steps into the manifest's eval_history
+    resume: bool = False  # continue from the newest checkpoint under out/checkpoints
+    cache_teacher: Path | None = None  # build the top-k cache here (once), then train from it
+    teacher_cache: Path | None = None  # train from this cache; the teacher is not loaded
+    top_k: int = 32
     seed: int = 0
 
 
@@ -78,89 +85,165 @@ def generate_dataset(teacher: Path, prompts: Path, out: Path, max_new_tokens: in
     return out
 
 
-@torch.no_grad()
-def mean_kl(student, teacher, examples, batch_size: int, pad_id: int, temperature: float = 1.0) -> float:
-    from compress.distill_losses import forward_kl
-
-    total, n = 0.0, 0
-    for ids, mask, labels in pad_batches(examples, batch_size, pad_id):
-        s = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        keep = labels[:, 1:] != IGNORE
-        total += float(forward_kl(s[keep], t[keep], temperature)) * int(keep.sum())
-        n += int(keep.sum())
-    return total / max(n, 1)
-
-
 def distill(cfg: DistillConfig, progress: bool = True) -> dict:
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.training import LoopConfig, train_loop
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    t_tok, s_tok = AutoTokenizer.from_pretrained(cfg.teacher), AutoTokenizer.from_pretrained(cfg.student)
-    check_pair(t_tok, s_tok)
+    s_tok = AutoTokenizer.from_pretrained(cfg.student)
+    if cfg.teacher_cache is None:
+        check_pair(AutoTokenizer.from_pretrained(cfg.teacher), s_tok)
+    elif cfg.loss not in ("forward_kl", "ce"):
+        raise DistillError(f"--loss {cfg.loss} needs the teacher's whole distribution; a top-k teacher cache "
+                           "serves forward_kl (or ce)")
     pad_id = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_tok.eos_token_id
     examples = tokenize(read_records(cfg.data), s_tok, cfg.seq_len)
     if len(examples) < 2:
         raise DistillError(f"{cfg.data} gives {len(examples)} usable examples; need at least 2")
-    random.shuffle(examples)
+    source = _teacher_source(cfg, examples, s_tok, pad_id, progress)
+
+    order = list(range(len(examples)))  # indices, so cached teacher rows follow their examples
+    random.Random(cfg.seed).shuffle(order)
     n_eval = max(1, min(64, int(len(examples) * cfg.eval_fraction)))
-    held_out, train_set = examples[:n_eval], examples[n_eval:]
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).eval()
+    held_out, train_idx = order[:n_eval], order[n_eval:]
     student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-    kl_before = mean_kl(student.eval(), teacher, held_out, cfg.batch_size, pad_id)
-    student.train()
-    started, step, tokens, losses = time.perf_counter(), 0, 0, []
-    bar = tqdm(total=cfg.max_steps, desc=f"distill {cfg.loss}", unit="step", disable=not progress)
-    while step < cfg.max_steps:
-        random.shuffle(train_set)
-        batches = list(pad_batches(train_set, cfg.batch_size, pad_id))
-        for i in range(0, len(batches), cfg.grad_accum):
-            group = batches[i:i + cfg.grad_accum]
-            step_loss = 0.0
-            for ids, mask, labels in group:
-                s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                shifted = labels[:, 1:]
-                if cfg.loss == "ce":
-                    loss = torch.nn.functional.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]),
-                                                             shifted.reshape(-1), ignore_index=IGNORE)
-                else:
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                    keep = shifted != IGNORE
-                    loss = distill_loss(s_logits[keep], t_logits[keep], shifted[keep], kind=cfg.loss,
-                                        alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta)
-                (loss / len(group)).backward()
-                step_loss += float(loss.detach()) / len(group)
-                tokens += int(mask.sum())
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            bar.update()
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                student.save_pretrained(cfg.out / "checkpoints" / f"step-{step}", safe_serialization=True)
-            if step >= cfg.max_steps:
-                break
-    bar.close()
-    kl_after = mean_kl(student.eval(), teacher, held_out, cfg.batch_size, pad_id)
+
+    def batches(indices: list[int]) -> list:
+        out = []
+        for i in range(0, len(indices), cfg.batch_size):
+            chunk = indices[i:i + cfg.batch_size]
+            out.append((chunk, *next(pad_batches([examples[j] for j in chunk], len(chunk), pad_id))))
+        return out
+
+    def epoch_batches(epoch: int) -> list:
+        shuffled = list(train_idx)
+        random.Random(cfg.seed * 1_000_003 + epoch + 1).shuffle(shuffled)  # rebuildable on resume
+        return batches(shuffled)
+
+    def loss_fn(batch):
+        _, ids, mask, _ = batch
+        s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        return source.loss(s_logits, batch, cfg.loss, cfg.alpha, cfg.temperature, cfg.beta), int(mask.sum())
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Held-out cross-entropy on the labels and forward KL to the teacher at T=1, per token."""
+        student.eval()
+        ce = kl = 0.0
+        n = 0
+        for batch in batches(held_out):
+            _, ids, mask, labels = batch
+            s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            count = int((labels[:, 1:] != IGNORE).sum())
+            ce += float(source.loss(s_logits, batch, "ce", 1.0, 1.0, 0.5)) * count
+            kl += float(source.loss(s_logits, batch, "forward_kl", 1.0, 1.0, 0.5)) * count
+            n += count
+        return {"loss": ce / max(n, 1), "kl": kl / max(n, 1)}
+
+    def save_model(folder: Path) -> None:
+        student.save_pretrained(folder, safe_serialization=True)
+        s_tok.save_pretrained(folder)
+
+    loop = LoopConfig(max_steps=cfg.max_steps, out=cfg.out, grad_accum=cfg.grad_accum, eval_every=cfg.eval_every,
+                      save_every=cfg.save_every, resume=cfg.resume, desc=f"distill {cfg.loss}", progress=progress,
+                      fingerprint=_fingerprint(cfg))
+    run = train_loop(student, epoch_batches, loss_fn, loop, optimizer=optimizer, evaluate=evaluate,
+                     save_model=save_model)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(cfg.out, safe_serialization=True)
-    s_tok.save_pretrained(cfg.out)
+    save_model(cfg.out)
+    first, last = run.eval_history[0], run.eval_history[-1]
     report = {
-        "teacher": str(cfg.teacher), "student_init": str(cfg.student), "method": cfg.loss,
-        "loss_settings": {"alpha": cfg.alpha, "temperature": cfg.temperature, "beta": cfg.beta},
-        "data": str(cfg.data), "data_sha256": file_hash(cfg.data), "steps": step, "tokens": tokens,
-        "seconds": round(time.perf_counter() - started, 1),
-        "held_out_kl_to_teacher": {"before": round(kl_before, 4), "after": round(kl_after, 4)},
-        "train_loss": {"first": round(losses[0], 4), "last": round(losses[-1], 4)},
+        "teacher": source.name, "teacher_source": source.describe, "student_init": str(cfg.student),
+        "method": cfg.loss, "loss_settings": {"alpha": cfg.alpha, "temperature": cfg.temperature, "beta": cfg.beta},
+        "data": str(cfg.data), "data_sha256": file_hash(cfg.data), "steps": run.step, "tokens": run.tokens,
+        "seconds": run.seconds, "resumed_from_step": run.resumed_from,
+        "held_out_kl_to_teacher": {"before": first["kl"], "after": last["kl"], "measure": source.kl_measure},
+        "held_out_loss": {"before": first["loss"], "after": last["loss"]},
+        "eval_history": run.eval_history,
+        "train_loss": {"first": round(run.losses[0], 4), "last": round(run.losses[-1], 4),
+                       "curve": [round(x, 4) for x in run.losses[:: max(1, len(run.losses) // 50)]]},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
     write_manifest(cfg.out, "distilled-model", **report)
     return report
+
+
+def _fingerprint(cfg: DistillConfig) -> dict:
+    """What a resumed run must share with the interrupted one; the step budget may grow."""
+    skip = ("out", "resume", "eval_every", "save_every", "max_steps")
+    keep = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in skip}
+    return {**keep, "data_sha256": file_hash(cfg.data)}
+
+
+def _teacher_source(cfg: DistillConfig, examples, s_tok, pad_id: int, progress: bool):
+    """The teacher on the fly, or its top-k cache (built now with --cache-teacher, or read with --teacher-cache)."""
+    from compress.teacher_cache import build_cache, open_cache, read_cache_manifest, vocab_hash
+
+    cache_dir = cfg.teacher_cache or cfg.cache_teacher
+    if cfg.teacher_cache is None:
+        teacher = _load_teacher(cfg.teacher)
+        if cfg.cache_teacher is None:
+            return LiveTeacher(teacher, str(cfg.teacher))
+        meta = {"teacher": str(cfg.teacher), "data_sha256": file_hash(cfg.data), "vocab_sha256": vocab_hash(s_tok),
+                "seq_len": cfg.seq_len}
+        existing = read_cache_manifest(cfg.cache_teacher)
+        if existing and all(existing.get(k) == v for k, v in meta.items()) and existing.get("k") == cfg.top_k:
+            pass  # built by an earlier (perhaps interrupted) run of this recipe
+        else:
+            build_cache(teacher, examples, cfg.cache_teacher, k=cfg.top_k, batch_size=cfg.batch_size, pad_id=pad_id,
+                        meta=meta, progress=progress)
+        del teacher  # train from the cache, as later students will
+    cache = open_cache(cache_dir, data_sha256=file_hash(cfg.data), vocab_sha256=vocab_hash(s_tok),
+                       seq_len=cfg.seq_len, examples=examples)
+    return CachedTeacher(cache)
+
+
+def _load_teacher(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class LiveTeacher:
+    """Teacher logits computed on the fly for each batch."""
+
+    kl_measure = "full"
+
+    def __init__(self, model, name: str):
+        self.model, self.name, self.describe = model, name, "on the fly"
+
+    def loss(self, s_logits, batch, kind: str, alpha: float, temperature: float, beta: float) -> torch.Tensor:
+        _, ids, mask, labels = batch
+        shifted = labels[:, 1:]
+        keep = shifted != IGNORE
+        if kind == "ce":
+            return F.cross_entropy(s_logits[keep], shifted[keep])
+        with torch.no_grad():
+            t_logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        return distill_loss(s_logits[keep], t_logits[keep], shifted[keep], kind=kind, alpha=alpha,
+                            temperature=temperature, beta=beta)
+
+
+class CachedTeacher:
+    """The teacher's top-k rows read from a cache; forward KL only (see topk_forward_kl)."""
+
+    def __init__(self, cache):
+        self.cache, self.name = cache, cache.manifest["teacher"]
+        self.describe = f"top-{cache.manifest['k']} cache {cache.folder}"
+        self.kl_measure = f"top-{cache.manifest['k']} (teacher truncated and renormalised)"
+
+    def loss(self, s_logits, batch, kind: str, alpha: float, temperature: float, beta: float) -> torch.Tensor:
+        indices, ids, _, labels = batch
+        shifted = labels[:, 1:]
+        keep = shifted != IGNORE
+        if kind == "ce":
+            return F.cross_entropy(s_logits[keep], shifted[keep])
+        t_ids, t_lp = self.cache.batch(indices, ids.shape[1])
+        return topk_distill_loss(s_logits[keep], t_ids[:, :-1][keep], t_lp[:, :-1][keep], shifted[keep],
+                                 alpha=alpha, temperature=temperature)

@@ -1,4 +1,4 @@
-"""`slimserve compress ...`: the offline tools (quantize, eval)."""
+"""`slimserve compress ...`: the offline tools (quantize, prune, distill, eval)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     pr.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     d = csub.add_parser("distill", help="train a student on a teacher (logit KD, or sequence KD with --generate)")
     d.add_argument("out", type=Path)
-    d.add_argument("--teacher", required=True)
+    d.add_argument("--teacher", help="teacher model folder; not needed with --teacher-cache")
     d.add_argument("--student", required=True, help="student model folder (e.g. a pruned teacher)")
     d.add_argument("--data", type=Path, required=True, help="training text/JSONL; with --generate: the prompts")
     d.add_argument("--generate", action="store_true", help="sequence-level KD: the teacher answers --data first")
@@ -65,7 +65,16 @@ def add_parser(sub) -> None:
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--grad-accum", type=int, default=1)
     d.add_argument("--seq-len", type=int, default=256)
-    d.add_argument("--save-every", type=int, default=0)
+    d.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under OUT/checkpoints")
+    d.add_argument("--eval-every", type=int, default=0,
+                   help="held-out loss and KL to the teacher every N steps (manifest eval_history, progress bar)")
+    d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    cache = d.add_mutually_exclusive_group()
+    cache.add_argument("--cache-teacher", type=Path, metavar="DIR",
+                       help="run the teacher once over --data, store its top-k log-probs in DIR, train from them")
+    cache.add_argument("--teacher-cache", type=Path, metavar="DIR",
+                       help="train from a cache built by --cache-teacher; the teacher is not loaded")
+    d.add_argument("--top-k", type=int, default=32, help="tokens per position kept by --cache-teacher")
     d.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     e = csub.add_parser("eval", help="compare variants of a model: perplexity, KL, size, speed",
                         description="A variant is a model folder, or REF@int8 / REF@nf4 / REF@int4 for load-time "
@@ -113,28 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} ({report['blocks_after']} of {report['blocks_before']} blocks)")
         return 0
     if args.compress_command == "distill":
-        from compress.distill import DistillConfig, DistillError, distill, generate_dataset
-
-        teacher = Path(_model_dir(args.teacher, args.cache_dir))
-        student = Path(_model_dir(args.student, args.cache_dir))
-        if not args.data.is_file():
-            raise ConfigError("data", f"no such file: {args.data}")
-        data, loss = args.data, args.loss
-        if args.generate:  # sequence-level KD: train with cross-entropy on the teacher's own answers
-            args.out.mkdir(parents=True, exist_ok=True)
-            data = generate_dataset(teacher, args.data, args.out / "teacher_answers.jsonl", args.max_new_tokens)
-            loss = "ce"
-        cfg = DistillConfig(teacher=teacher, student=student, out=args.out, data=data, loss=loss, alpha=args.alpha,
-                            temperature=args.temperature, beta=args.beta, max_steps=args.max_steps, lr=args.lr,
-                            batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-                            save_every=args.save_every)
-        try:
-            report = distill(cfg)
-        except DistillError as exc:
-            raise ConfigError("student", str(exc)) from None
-        print(json.dumps({k: report[k] for k in ("method", "steps", "tokens", "seconds", "held_out_kl_to_teacher")},
-                         indent=2))
-        return 0
+        return _distill(args)
     if args.compress_command == "eval":
         from compress.evaluate import evaluate
 
@@ -148,3 +136,43 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/eval.json, eval.md, eval.png")
         return 0 if reports else 1
     raise ConfigError("compress", f"unknown command {args.compress_command}")
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from compress.distill import DistillConfig, DistillError, distill, generate_dataset
+    from compress.teacher_cache import TeacherCacheError
+    from compress.training import ResumeError
+
+    if args.teacher is None and args.teacher_cache is None:
+        raise ConfigError("teacher", "give --teacher, or --teacher-cache DIR built earlier with --cache-teacher")
+    if args.generate and (args.teacher_cache or args.cache_teacher):
+        raise ConfigError("generate", "--generate trains on the teacher's answers with cross-entropy; it uses no "
+                                      "logit cache (drop --cache-teacher / --teacher-cache)")
+    if args.top_k < 1:
+        raise ConfigError("top-k", "must be at least 1")
+    teacher = Path(_model_dir(args.teacher, args.cache_dir)) if args.teacher else None
+    student = Path(_model_dir(args.student, args.cache_dir))
+    if not args.data.is_file():
+        raise ConfigError("data", f"no such file: {args.data}")
+    data, loss = args.data, args.loss
+    if args.generate:  # sequence-level KD: train with cross-entropy on the teacher's own answers
+        args.out.mkdir(parents=True, exist_ok=True)
+        data = generate_dataset(teacher, args.data, args.out / "teacher_answers.jsonl", args.max_new_tokens)
+        loss = "ce"
+    cfg = DistillConfig(teacher=teacher, student=student, out=args.out, data=data, loss=loss, alpha=args.alpha,
+                        temperature=args.temperature, beta=args.beta, max_steps=args.max_steps, lr=args.lr,
+                        batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+                        save_every=args.save_every, eval_every=args.eval_every, resume=args.resume,
+                        cache_teacher=args.cache_teacher, teacher_cache=args.teacher_cache, top_k=args.top_k)
+    try:
+        report = distill(cfg)
+    except TeacherCacheError as exc:
+        raise ConfigError("teacher-cache", str(exc)) from None
+    except ResumeError as exc:
+        raise ConfigError("resume", str(exc)) from None
+    except DistillError as exc:
+        raise ConfigError("student", str(exc)) from None
+    keys = ("method", "teacher_source", "steps", "tokens", "seconds", "resumed_from_step", "held_out_kl_to_teacher",
+            "held_out_loss")
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
+    return 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from compress.distill import DistillConfig, DistillError, distill, generate_dataset
 from compress.manifest import read_manifest
@@ -68,3 +69,51 @@ def test_sequence_level_kd_writes_resumes_and_trains(pair, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert read_manifest(tmp_path / "seq")["method"] == "ce"
+
+
+def stop_after_steps(monkeypatch, n: int) -> None:
+    """Simulate a killed run: the optimizer's (n+1)-th step raises."""
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_interrupted_distill_resumes_and_its_curve_continues(pair, tmp_path, monkeypatch):
+    teacher, student, text = pair
+
+    def cfg(out, resume=False):
+        return DistillConfig(teacher=teacher, student=student, out=out, data=text, max_steps=6, lr=1e-3,
+                             batch_size=4, seq_len=64, save_every=3, eval_every=3, resume=resume)
+
+    whole = distill(cfg(tmp_path / "whole"), progress=False)
+    with monkeypatch.context() as m:
+        stop_after_steps(m, 4)  # dies during step 5; the step-3 checkpoint survives
+        with pytest.raises(KeyboardInterrupt):
+            distill(cfg(tmp_path / "cut"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-3"]
+    resumed = distill(cfg(tmp_path / "cut", resume=True), progress=False)
+    manifest = read_manifest(tmp_path / "cut")
+    assert manifest["steps"] == 6 and manifest["resumed_from_step"] == 3 and manifest["tokens"] == whole["tokens"]
+    assert [e["step"] for e in manifest["eval_history"]] == [0, 3, 6]
+    assert all(e["kl"] > 0 and e["loss"] > 0 for e in manifest["eval_history"])
+    assert len(resumed["train_loss"]["curve"]) == 6  # steps 1-3 come from the checkpoint, not restarted
+    assert resumed["train_loss"]["curve"] == pytest.approx(whole["train_loss"]["curve"], abs=1e-3)
+    assert resumed["held_out_kl_to_teacher"]["after"] == pytest.approx(whole["held_out_kl_to_teacher"]["after"],
+                                                                        abs=1e-3)
+
+
+def test_resume_refuses_a_changed_recipe(pair, tmp_path):
+    from compress.training import ResumeError
+
+    teacher, student, text = pair
+    distill(DistillConfig(teacher=teacher, student=student, out=tmp_path, data=text, max_steps=2, batch_size=4,
+                          seq_len=64, save_every=2), progress=False)
+    with pytest.raises(ResumeError, match="differ in temperature"):
+        distill(DistillConfig(teacher=teacher, student=student, out=tmp_path, data=text, max_steps=4, batch_size=4,
+                              seq_len=64, temperature=4.0, resume=True), progress=False)
