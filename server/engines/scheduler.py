@@ -21,8 +21,8 @@ import torch
 from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.detokenize import IncrementalDetokenizer, StopStrings
 from server.engines.kv_cache import BatchCache, merge
-from server.engines.sampling import RowState, pick_tokens
-from server.errors import EngineError
+from server.engines.sampling import Picked, RowState, pick_tokens
+from server.errors import EngineError, Overloaded
 
 log = logging.getLogger(__name__)
 Emit = Callable[[Chunk | BaseException], None]
@@ -40,6 +40,7 @@ class Sequence:
     done: bool = False
     extra_stop_ids: set[int] = field(default_factory=set)
     slot: int | None = None  # LoRA slot, held from submit to finish
+    fault: str | None = None  # tests only (settings.fault_inject): where to raise, see _inject
 
     @property
     def position(self) -> int:
@@ -65,6 +66,7 @@ class BatchScheduler:
         self._pending: deque[Sequence] = deque()
         self._jobs: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
         self._rows: list[Sequence] = []
+        self._admitting: list[Sequence] = []  # left the queue, not yet in the batch
         self._by_id: dict[str, Sequence] = {}
         self._cache: BatchCache | None = None
         self._mask: torch.Tensor | None = None
@@ -76,7 +78,7 @@ class BatchScheduler:
         self.aborted = 0  # sequences stopped early because their client went away
 
     # ---- called from the event loop -------------------------------------------------------------
-    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None) -> None:
+    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None, fault: str | None = None) -> None:
         gen = None
         if req.params.seed is not None:
             gen = torch.Generator(device="cpu")
@@ -86,9 +88,11 @@ class BatchScheduler:
             row=RowState(req.params, gen, [], list(req.prompt_token_ids)),
             detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStrings(req.params.stop),
-            extra_stop_ids=set(req.params.stop_token_ids), slot=slot,
+            extra_stop_ids=set(req.params.stop_token_ids), slot=slot, fault=fault,
         )
         with self._cond:
+            if self._thread is not None and not self._thread.is_alive():
+                raise Overloaded("the engine is not running; the server needs a restart", code="engine_dead")
             if self._stopping:
                 raise EngineError("engine is shutting down")
             self._by_id[req.request_id] = seq
@@ -138,6 +142,19 @@ class BatchScheduler:
 
     # ---- worker thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # stopped, or died: nothing may wait forever on a thread that is gone
+            with self._cond:
+                self._stopping = True
+                seqs, jobs = list(self._pending) + self._admitting + self._rows, list(self._jobs)
+                self._pending.clear()
+                self._jobs.clear()
+            self._fail(seqs, EngineError("the engine stopped"))
+            for _, future in jobs:
+                future.set_exception(EngineError("the engine stopped"))
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._rows and not self._jobs and not self._stopping:
@@ -145,13 +162,14 @@ class BatchScheduler:
                 if self._stopping:
                     break
                 jobs, self._jobs = list(self._jobs), deque()
-                new = self._admit()
+                new = self._admitting = self._admit()
             for fn, future in jobs:
                 try:
                     with torch.inference_mode():
                         future.set_result(fn())
                 except BaseException as exc:  # the caller gets the error; the engine goes on
                     future.set_exception(exc)
+            self._inject(new, "kill")
             try:
                 with torch.inference_mode():
                     if new:
@@ -161,12 +179,9 @@ class BatchScheduler:
                         self._decode()
                         self._drop_finished()
                 self.steps += 1
-            except Exception as exc:  # a failed step fails only the sequences it touched
+            except Exception as exc:  # a failed decode step fails the sequences in it; the engine goes on
                 log.exception("engine step failed")
                 self._fail(new + self._rows, exc)
-        self._fail(list(self._pending) + self._rows, EngineError("engine stopped"))
-        for _, future in self._jobs:
-            future.set_exception(EngineError("engine stopped"))
 
     def _admit(self) -> list[Sequence]:
         new: list[Sequence] = []
@@ -196,11 +211,22 @@ class BatchScheduler:
             mask[i, width - lengths[i]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = BatchCache(self.num_layers)
-        self._route_adapters(new)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        picked = pick_tokens(out.logits[:, -1, :].float(), [s.row for s in new], self._shared_gen)
+        try:  # a failed prefill never touches the running batch; retried one by one, it fails only the culprit
+            self._inject(new, "prefill")
+            self._route_adapters(new)
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+        except Exception as exc:
+            if len(new) == 1:
+                log.exception("prefill of %s failed", new[0].req.request_id)
+                self._fail(new, exc)
+            else:
+                log.warning("prefill of %d sequences failed (%s); prefilling them one by one", len(new), exc)
+                for seq in new:
+                    self._prefill([seq])
+            return
+        picked = self._pick(out.logits[:, -1, :].float(), new)
         self._cache, self._mask = merge(self._cache, self._mask, cache, mask.to(self.device))
         self._rows.extend(new)
         self._accept(new, picked)
@@ -210,11 +236,42 @@ class BatchScheduler:
         ids = torch.tensor([[s.row.output_ids[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.position] for s in rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        self._inject(rows, "step")
         self._route_adapters(rows)
         out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
                          past_key_values=self._cache, use_cache=True)
-        picked = pick_tokens(out.logits[:, -1, :].float(), [s.row for s in rows], self._shared_gen)
+        picked = self._pick(out.logits[:, -1, :].float(), rows)
         self._accept(rows, picked)
+
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> Picked:
+        """Sample the batch; if that fails, sample row by row and fail only the rows that fail."""
+        try:
+            self._inject(seqs, "sample")
+            return pick_tokens(logits, [s.row for s in seqs], self._shared_gen)
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row")
+        tokens, logprobs = [], []
+        for i, seq in enumerate(seqs):
+            try:
+                self._inject([seq], "sample")
+                one = pick_tokens(logits[i:i + 1], [seq.row], self._shared_gen)
+                tokens.append(one.tokens[0])
+                logprobs.append(one.logprobs[0])
+            except Exception as exc:
+                self._fail([seq], exc, keep_rows=True)  # leaves the batch in _drop_finished
+                tokens.append(self.pad_id)
+                logprobs.append(None)
+        return Picked(tokens, logprobs)
+
+    @staticmethod
+    def _inject(seqs: list[Sequence], point: str) -> None:
+        """Test-only fault injection: a request sent with `x-slimserve-fault: POINT` (honoured only
+        with settings.fault_inject) raises here. `kill` ends the engine thread itself."""
+        for seq in seqs:
+            if seq.fault == point:
+                if point == "kill":
+                    raise _InjectedDeath(f"injected fault: {point}")
+                raise RuntimeError(f"injected fault: {point}")
 
     def _route_adapters(self, seqs: list[Sequence]) -> None:
         if self.lora is not None:
@@ -223,32 +280,40 @@ class BatchScheduler:
     def _accept(self, seqs: list[Sequence], picked) -> None:
         now = time.perf_counter()
         for seq, token, lp in zip(seqs, picked.tokens, picked.logprobs):
-            if seq.aborted:
+            if seq.aborted or seq.done:
                 continue
-            seq.row.output_ids.append(token)
-            params = seq.req.params
-            finish = None
-            text = ""
-            hit = False
-            if token in seq.extra_stop_ids or (token in self.eos_ids and not params.ignore_eos):
+            try:
+                self._accept_one(seq, token, lp, now)
+            except Exception as exc:  # this request's detokenize/stop check: only it fails
+                log.exception("request %s failed", seq.req.request_id)
+                self._fail([seq], exc, keep_rows=True)
+
+    def _accept_one(self, seq: Sequence, token: int, lp, now: float) -> None:
+        seq.row.output_ids.append(token)
+        params = seq.req.params
+        finish = None
+        text = ""
+        hit = False
+        if token in seq.extra_stop_ids or (token in self.eos_ids and not params.ignore_eos):
+            finish = "stop"
+        else:
+            self._inject([seq], "detokenize")
+            delta = seq.detok.add(token)
+            text, hit = seq.stops.check(seq.detok.text, len(delta))
+            if hit:
                 finish = "stop"
-            else:
-                delta = seq.detok.add(token)
-                text, hit = seq.stops.check(seq.detok.text, len(delta))
-                if hit:
-                    finish = "stop"
-            if finish is None and (len(seq.row.output_ids) >= params.max_tokens
-                                   or seq.position + 1 >= self.max_model_len):
-                finish = "length"
-            if finish is not None and not hit:  # release text held back for a stop string
-                seq.detok.finish()
-                text += seq.stops.flush(seq.detok.text)
-            seq.req.stats.token_emitted(now)
-            chunk = Chunk(text, [token], self._logprobs(token, lp) if lp is not None else None, finish)
-            if finish is not None:
-                self._finish(seq, chunk)
-            else:
-                seq.emit(chunk)
+        if finish is None and (len(seq.row.output_ids) >= params.max_tokens
+                               or seq.position + 1 >= self.max_model_len):
+            finish = "length"
+        if finish is not None and not hit:  # release text held back for a stop string
+            seq.detok.finish()
+            text += seq.stops.flush(seq.detok.text)
+        seq.req.stats.token_emitted(now)
+        chunk = Chunk(text, [token], self._logprobs(token, lp) if lp is not None else None, finish)
+        if finish is not None:
+            self._finish(seq, chunk)
+        else:
+            seq.emit(chunk)
 
     def _logprobs(self, token: int, lp) -> list[TokenLogprob]:
         value, top = lp
@@ -291,16 +356,25 @@ class BatchScheduler:
             self._cache.drop_front(first)
             self._mask = self._mask[:, first:]
 
-    def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
+    def _fail(self, seqs: list[Sequence], exc: BaseException, keep_rows: bool = False) -> None:
+        """Fail `seqs` with a 500. keep_rows: they stay in the batch (done) until _drop_finished
+        removes them with their KV rows; otherwise they leave now, and must be all the rows or none."""
         error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
         for seq in seqs:
             if not seq.done:
                 seq.done = True
                 self._release(seq)
+                seq.req.stats.finish_reason = "error"
                 with self._cond:
                     self._by_id.pop(seq.req.request_id, None)
                 seq.emit(error)
+        if keep_rows:
+            return
         failed = {id(s) for s in seqs}
         self._rows = [s for s in self._rows if id(s) not in failed]
         if not self._rows:
             self._cache, self._mask = None, None
+
+
+class _InjectedDeath(BaseException):
+    """Raised only by fault injection (`kill`): not an Exception, so it ends the engine thread."""
