@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     pr.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     d = csub.add_parser("distill", help="train a student on a teacher (logit KD, or sequence KD with --generate)")
     d.add_argument("out", type=Path)
-    d.add_argument("--teacher", help="teacher model folder; not needed with --teacher-cache")
+    d.add_argument("--teacher", help="teacher model folder; with --teacher-cache unused (the cache names its teacher)")
     d.add_argument("--student", required=True, help="student model folder (e.g. a pruned teacher)")
     d.add_argument("--data", type=Path, required=True, help="training text/JSONL; with --generate: the prompts")
     d.add_argument("--generate", action="store_true", help="sequence-level KD: the teacher answers --data first")
@@ -86,9 +86,16 @@ def add_parser(sub) -> None:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=8192)
     e.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+    from server import cli_router
+
+    cli_router.add_parser(csub)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compress_command == "calibrate-router":
+        from server import cli_router
+
+        return cli_router.run(args)
     if args.compress_command == "quantize":
         from compress.quantize import QuantizeError, QuantizeSpec, quantize
 

@@ -74,3 +74,41 @@ def test_draft_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
     with pytest.raises(ConfigError, match="different tokenizer"):
         engine.attach_draft(str(other), 3)
+
+
+def test_vllm_draft_model_gives_the_same_greedy_text(tiny_model_dir, student_dir, tmp_path):
+    """vLLM's draft-model speculative decoding, configured through `draft:` in serve.yaml."""
+    import os
+
+    import httpx
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import ServerProcess, vllm_available
+
+    if not vllm_available():
+        if os.environ.get("SLIMSERVE_REQUIRE_VLLM"):
+            pytest.fail("SLIMSERVE_REQUIRE_VLLM is set but vllm is not installed")
+        pytest.skip("vllm is not installed")
+    config = {"dtype": "float32", "models": [{
+        "name": "teacher", "model": str(tiny_model_dir), "engine": "vllm", "kv_cache_memory_bytes": 256 << 20,
+        "gpu_memory_utilization": 0.1, "enforce_eager": True, "draft": str(student_dir),
+        "num_speculative_tokens": 3}]}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    server = ServerProcess(["--config", str(tmp_path / "serve.yaml")], env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                           log_path=tmp_path / "server.log")
+    try:
+        server.wait_ready(300)
+        assert "num_spec_tokens=3" in (tmp_path / "server.log").read_text()
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        for prompt in ("The capital of France", "Hello, world! How are you"):
+            got = httpx.post(f"{server.base_url}/v1/completions", timeout=120, json={
+                "model": "teacher", "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True,
+            }).json()["choices"][0]["text"]
+            ids = tok(prompt, return_tensors="pt").input_ids
+            ref = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, min_new_tokens=20)
+            assert got == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        server.stop()

@@ -61,6 +61,7 @@ class TorchEngine(HFTokenizing):
         self.device = device
         self.max_model_len = max_model_len
         self.weight_bytes = weight_bytes(model)
+        self.vocab_size = model.config.get_text_config().vocab_size  # larger prompt ids are refused (limits.admit)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -158,6 +159,10 @@ class TorchEngine(HFTokenizing):
         finally:
             if not finished:  # the consumer went away (client disconnect): stop generating
                 self._scheduler.abort(request.request_id)
+
+    async def run_job(self, fn):
+        """Run other torch work (e.g. the learned router's embeddings) on this engine's thread."""
+        return await asyncio.wrap_future(self._scheduler.call(fn))
 
     def _speculate(self, request: GenerationRequest) -> bool:
         from server.engines.speculative import eligible

@@ -75,13 +75,18 @@ class Router:
         if isinstance(policy, LearnedPolicy):
             learned = self._learned[name]
             text = last_user_text(kind, body)
-            p = await asyncio.to_thread(learned.student_probability, text)
+            p = await self._on_torch_thread(lambda: learned.student_probability(text))
             threshold = policy.threshold if policy.threshold is not None else learned.threshold
             self.state.metrics.route_score.labels(name).observe(p)
             if p >= threshold:
                 return policy.student, f"p_student_ok {p:.3f}>={threshold:.3f}", "learned_student"
             return policy.teacher, f"p_student_ok {p:.3f}<{threshold:.3f}", "learned_teacher"
         raise TypeError(f"unknown policy {policy!r}")
+
+    async def _on_torch_thread(self, fn):
+        """Torch work belongs on an engine thread (a second thread running OpenMP slows every engine step)."""
+        engine = next((e for e in self.state.engines.values() if hasattr(e, "run_job")), None)
+        return await (engine.run_job(fn) if engine is not None else asyncio.to_thread(fn))
 
     def _alternatives(self, policy, target: str) -> list[str]:
         if isinstance(policy, (FixedPolicy, RulesPolicy)):

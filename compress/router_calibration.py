@@ -1,0 +1,211 @@
+"""`slimserve compress calibrate-router`: learn when the student's answer is good enough.
+
+Both models answer every prompt (greedy); a student answer "agrees" when its word-level ROUGE-L F1
+against the teacher's answer reaches `agree_threshold` (the teacher is the reference, as in
+distillation: its own answers agree fully). A logistic regression over prompt features predicts
+agreement; its threshold is picked on a held-out part of the prompts for a target student share or
+a target quality (mean agreement of the served answers, teacher = 1.0). The same held-out part also
+gives the cascade policy's curve (student confidence = mean token logprob), so both can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.data import read_records
+from compress.manifest import file_hash
+
+SWEEP = 41  # thresholds per curve
+
+
+@dataclass
+class CalibrationConfig:
+    teacher: Path
+    student: Path
+    prompts: Path
+    out: Path
+    features: str = "minilm"
+    max_tokens: int = 48
+    batch_size: int = 8
+    agree_threshold: float = 0.5
+    target_quality: float = 0.95
+    target_share: float | None = None
+    holdout_fraction: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class Answer:
+    text: str
+    mean_logprob: float
+    min_logprob: float
+
+
+def prompts_of(path: Path) -> list[str]:
+    out = []
+    for row in read_records(path):
+        if "prompt" in row:
+            out.append(str(row["prompt"]))
+        elif "messages" in row:
+            users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
+            out.append(users[-1] if users else "")
+        else:
+            out.append(str(row.get("text", "")))
+    return [p for p in out if p.strip()]
+
+
+@torch.inference_mode()
+def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: int, desc: str) -> list[Answer]:
+    """Greedy chat answers with the logprob of each chosen token (what a cascade reads)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()
+    eos = tok.eos_token_id
+    out: list[Answer] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        batch = prompts[i:i + batch_size]
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 if tok.chat_template else p for p in batch]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                             temperature=None, top_p=None, top_k=None)
+        new = gen.sequences[:, enc["input_ids"].shape[1]:]
+        logprobs = torch.stack(gen.logits, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        for row in range(len(batch)):
+            ids = new[row].tolist()
+            end = ids.index(eos) + 1 if eos in ids else len(ids)  # the EOS token's own logprob counts
+            lp = logprobs[row, :end].tolist() or [0.0]
+            out.append(Answer(tok.decode(ids[:end], skip_special_tokens=True).strip(), sum(lp) / len(lp), min(lp)))
+    return out
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """Word-level ROUGE-L F1 (longest common subsequence), case-insensitive."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def curve(scores: np.ndarray, agreement: np.ndarray, thresholds: np.ndarray) -> list[dict]:
+    """For each threshold: share of prompts sent to the student (score >= threshold) and the quality of
+    the answers served (student's agreement where routed to it, 1.0 where the teacher answers)."""
+    points = []
+    for t in thresholds:
+        to_student = scores >= t
+        quality = float(np.where(to_student, agreement, 1.0).mean())
+        points.append({"threshold": float(t), "student_share": float(to_student.mean()), "quality": quality})
+    return points
+
+
+def pick(points: list[dict], target_quality: float, target_share: float | None) -> dict:
+    if target_share is not None:  # the point whose share is closest to the target
+        return min(points, key=lambda p: (abs(p["student_share"] - target_share), -p["quality"]))
+    ok = [p for p in points if p["quality"] >= target_quality]
+    if not ok:
+        return max(points, key=lambda p: p["threshold"])  # everything to the teacher
+    return max(ok, key=lambda p: (p["student_share"], p["quality"]))
+
+
+def sweep(scores: np.ndarray) -> np.ndarray:
+    """Thresholds at score quantiles, plus one above the maximum (share 0)."""
+    qs = np.quantile(scores, np.linspace(0, 1, SWEEP - 1))
+    return np.unique(np.concatenate([qs, [scores.max() + 1e-6]]))
+
+
+def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
+    from server.router.features import featurizer
+    from server.router.learned import LearnedRouter, fit
+
+    started = time.time()
+    prompts = prompts_of(cfg.prompts)
+    if len(prompts) < 10:
+        raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts; calibration needs at least 10")
+    teacher = answer(cfg.teacher, prompts, cfg.max_tokens, cfg.batch_size, "teacher answers")
+    student = answer(cfg.student, prompts, cfg.max_tokens, cfg.batch_size, "student answers")
+    agreement = np.array([rouge_l(s.text, t.text) for s, t in zip(student, teacher)])
+    labels = (agreement >= cfg.agree_threshold).astype(np.float64)
+    progress(f"student agrees with the teacher on {labels.mean():.1%} of {len(prompts)} prompts "
+             f"(ROUGE-L >= {cfg.agree_threshold}); mean ROUGE-L {agreement.mean():.3f}")
+
+    order = list(range(len(prompts)))
+    random.Random(cfg.seed).shuffle(order)
+    n_hold = max(5, int(len(order) * cfg.holdout_fraction))
+    hold, train = np.array(order[:n_hold]), np.array(order[n_hold:])
+    feats = featurizer(cfg.features)(prompts).astype(np.float64)
+    weights, bias, mean, std = fit(feats[train], labels[train])
+    router = LearnedRouter(cfg.features, weights, bias, mean, std, threshold=0.5)
+    learned_scores = router.scores(feats[hold].astype(np.float32))
+    learned_curve = curve(learned_scores, agreement[hold], sweep(learned_scores))
+    chosen = pick(learned_curve, cfg.target_quality, cfg.target_share)
+    confidence = np.array([s.mean_logprob for s in student])[hold]
+    cascade_curve = curve(confidence, agreement[hold], sweep(confidence))
+    cascade_chosen = pick(cascade_curve, cfg.target_quality, cfg.target_share)
+    train_acc = float(((router.scores(feats[train].astype(np.float32)) >= 0.5) == labels[train]).mean())
+
+    router.threshold = chosen["threshold"]
+    router.manifest = {
+        "kind": "learned-router", "teacher": str(cfg.teacher), "student": str(cfg.student),
+        "prompts": str(cfg.prompts), "prompts_sha256": file_hash(cfg.prompts), "num_prompts": len(prompts),
+        "holdout": int(n_hold), "agreement": {"metric": "rouge_l_f1", "threshold": cfg.agree_threshold,
+                                              "mean": float(agreement.mean()), "share_agreeing": float(labels.mean())},
+        "train_accuracy": train_acc, "chosen": chosen, "cascade": {"metric": "mean_logprob", "chosen": cascade_chosen},
+        "curves": {"learned": learned_curve, "cascade": cascade_curve},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    router.save(cfg.out)
+    with (cfg.out / "answers.jsonl").open("w") as f:
+        for p, s, t, a in zip(prompts, student, teacher, agreement):
+            f.write(json.dumps({"prompt": p, "teacher": t.text, "student": s.text, "rouge_l": round(float(a), 4),
+                                "student_mean_logprob": round(s.mean_logprob, 4)}) + "\n")
+    _plot(cfg.out / "curve.png", learned_curve, cascade_curve, cfg.target_quality)
+    return router.manifest
+
+
+def _plot(path: Path, learned: list[dict], cascade: list[dict], target: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in (("learned router", learned), ("cascade (mean logprob)", cascade)):
+        pts = sorted(points, key=lambda p: p["student_share"])
+        ax.plot([p["student_share"] for p in pts], [p["quality"] for p in pts], marker="o", ms=3, label=name)
+    ax.axhline(target, color="grey", ls="--", lw=1, label=f"{target:.0%} of teacher quality")
+    ax.set_xlabel("share of prompts answered by the student")
+    ax.set_ylabel("quality (agreement with teacher, teacher = 1)")
+    ax.set_title("Routing: student share vs quality (held-out prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

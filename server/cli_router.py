@@ -1,0 +1,54 @@
+"""`slimserve compress calibrate-router`: train the learned router from a teacher and a student."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from server.errors import ConfigError
+
+
+def add_parser(csub) -> None:
+    c = csub.add_parser("calibrate-router", help="learn when the student's answer is good enough (learned policy)",
+                        description="Both models answer the prompts; a classifier over prompt features learns "
+                                    "where the student agrees with the teacher; the threshold is chosen on held-out "
+                                    "prompts for --target-quality (default) or --target-share.")
+    c.add_argument("out", type=Path, help="folder for router.json, answers.jsonl and curve.png")
+    c.add_argument("--teacher", required=True, help="model folder or the embedded default")
+    c.add_argument("--student", required=True, help="model folder")
+    c.add_argument("--prompts", type=Path, required=True, help="JSONL with `prompt` (or chat `messages`) rows")
+    c.add_argument("--features", choices=["minilm", "cheap"], default="minilm")
+    c.add_argument("--max-tokens", type=int, default=48)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--agree-threshold", type=float, default=0.5, help="ROUGE-L F1 at which answers agree")
+    c.add_argument("--target-quality", type=float, default=0.95)
+    c.add_argument("--target-share", type=float, help="pick the threshold for this student share instead")
+    c.add_argument("--holdout-fraction", type=float, default=0.3)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+
+
+def run(args: argparse.Namespace) -> int:
+    from compress.router_calibration import CalibrationConfig, calibrate
+    from server.engines.factory import resolve_model
+
+    teacher = Path(resolve_model(args.teacher, args.cache_dir, "teacher"))
+    student = Path(resolve_model(args.student, args.cache_dir, "student"))
+    for name, path in (("teacher", teacher), ("student", student)):
+        if not (path / "config.json").is_file():
+            raise ConfigError(name, f"{path} is not a model folder")
+    if not args.prompts.is_file():
+        raise ConfigError("prompts", f"no such file: {args.prompts}")
+    cfg = CalibrationConfig(teacher=teacher, student=student, prompts=args.prompts, out=args.out,
+                            features=args.features, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                            agree_threshold=args.agree_threshold, target_quality=args.target_quality,
+                            target_share=args.target_share, holdout_fraction=args.holdout_fraction, seed=args.seed)
+    try:
+        report = calibrate(cfg)
+    except ValueError as exc:
+        raise ConfigError("prompts", str(exc)) from exc
+    print(json.dumps({"chosen": report["chosen"], "cascade": report["cascade"], "agreement": report["agreement"],
+                      "train_accuracy": report["train_accuracy"]}, indent=2))
+    print(f"wrote {args.out}")
+    return 0

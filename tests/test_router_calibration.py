@@ -1,0 +1,115 @@
+"""`compress calibrate-router` and the `learned` policy: the pure pieces directly, the command on the
+tiny teacher/student, and a server whose decisions match the saved router's own predictions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import openai
+import pytest
+import yaml
+
+from compress.router_calibration import curve, pick, rouge_l
+from server.router.features import CheapFeatures, MiniLMFeatures
+from server.router.learned import LearnedRouter, fit
+from tests.conftest import ServerProcess
+from tests.tiny_model import build_tiny_model
+
+WORDS = ["Paris", "London", "weather", "fox", "model", "numbers", "capital", "world", "token", "dog"]
+
+
+def test_rouge_l():
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
+    assert rouge_l("a b c d", "x y z") == 0.0
+    # LCS "a c" = 2; precision 2/3, recall 2/4
+    assert rouge_l("a b c", "a x c y") == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+
+
+def test_curve_and_pick():
+    scores = np.array([0.9, 0.8, 0.2, 0.1])
+    agree = np.array([1.0, 0.9, 0.0, 0.2])
+    points = curve(scores, agree, np.array([0.0, 0.5, 1.0]))
+    assert points[0] == {"threshold": 0.0, "student_share": 1.0, "quality": pytest.approx(0.525)}
+    assert points[1]["student_share"] == 0.5 and points[1]["quality"] == pytest.approx((1 + 0.9 + 1 + 1) / 4)
+    assert points[2] == {"threshold": 1.0, "student_share": 0.0, "quality": 1.0}
+    assert pick(points, 0.95, None)["threshold"] == 0.5  # most student share that keeps 95%
+    assert pick(points, 0.95, 1.0)["threshold"] == 0.0
+
+
+def test_fit_learns_a_separable_rule(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 2] > 0).astype(float)
+    w, b, mean, std = fit(x, y)
+    router = LearnedRouter("cheap", w, b, mean, std, threshold=0.5)
+    assert ((router.scores(x.astype(np.float32)) >= 0.5) == y).mean() > 0.95
+    loaded = LearnedRouter.load(router.save(tmp_path).parent)
+    assert np.allclose(loaded.scores(x.astype(np.float32)), router.scores(x.astype(np.float32)))
+
+
+def test_features():
+    cheap = CheapFeatures()(["What is 2 + 2?", "Tell me about Paris"])
+    assert cheap.shape[0] == 2 and not np.allclose(cheap[0], cheap[1])
+    emb = MiniLMFeatures()(["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing rules"])
+    assert emb.shape == (3, 384)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]  # real sentence embeddings: similar meanings are closer
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("calib")
+    student = build_tiny_model(folder / "student", seed=1, layers=1)
+    rows = [{"prompt": f"Tell me about the {a} and the {b}."} for a in WORDS for b in WORDS[:4]]
+    (folder / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = folder / "router"
+    r = subprocess.run([sys.executable, "-m", "server", "compress", "calibrate-router", str(out), "--teacher",
+                        str(tiny_model_dir), "--student", str(student), "--prompts", str(folder / "prompts.jsonl"),
+                        "--features", "cheap", "--max-tokens", "8", "--agree-threshold", "0.3"],
+                       capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return folder, student, out
+
+
+def test_calibrate_router_writes_router_and_curves(calibrated):
+    _, _, out = calibrated
+    manifest = json.loads((out / "router.json").read_text())
+    assert manifest["num_prompts"] == 40 and manifest["holdout"] == 12
+    assert manifest["features"] == "cheap" and len(manifest["weights"]) == len(manifest["mean"])
+    for name in ("learned", "cascade"):
+        points = manifest["curves"][name]
+        assert any(p["student_share"] == 0.0 and p["quality"] == 1.0 for p in points)
+        assert all(0.0 <= p["quality"] <= 1.0 for p in points)
+    assert manifest["chosen"]["threshold"] == manifest["threshold"]
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 40 and all(a["rouge_l"] == pytest.approx(rouge_l(a["student"], a["teacher"]), abs=1e-4)
+                                      for a in answers)
+    assert (out / "curve.png").stat().st_size > 1000
+
+
+def test_learned_policy_follows_the_saved_router(calibrated, tiny_model_dir):
+    folder, student, out = calibrated
+    router = LearnedRouter.load(out)
+    config = {"dtype": "float32", "models": [{"name": "teacher", "model": str(tiny_model_dir)},
+                                             {"name": "student", "model": str(student)}],
+              "router": {"default": "learned", "policies": {
+                  "learned": {"type": "learned", "path": str(out), "student": "student", "teacher": "teacher",
+                              "threshold": 0.5}}}}
+    (folder / "serve.yaml").write_text(yaml.safe_dump(config))
+    server = ServerProcess(["--config", str(folder / "serve.yaml")], log_path=folder / "server.log")
+    try:
+        server.wait_ready(180)
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        for a in WORDS:
+            text = f"Is the {a} near?"
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": text}], max_tokens=2)
+            p = router.student_probability(text)
+            expected = "student" if p >= 0.5 else "teacher"
+            assert raw.parse().model == expected
+            assert f"{p:.3f}" in raw.headers["x-slimserve-route"]
+    finally:
+        server.stop()
