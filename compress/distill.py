@@ -236,7 +236,7 @@ class CachedTeacher:
     def __init__(self, cache):
         self.cache, self.name = cache, cache.manifest["teacher"]
         self.describe = f"top-{cache.manifest['k']} cache {cache.folder}"
-        self.kl_measure = f"top-{cache.manifest['k']} (teacher truncated and renormalised)"
+        self.kl_measure = f"top-{cache.manifest['k']} + tail (a lower bound of the full KL)"
 
     def loss(self, s_logits, batch, kind: str, alpha: float, temperature: float, beta: float) -> torch.Tensor:
         indices, ids, _, labels = batch
@@ -244,6 +244,6 @@ class CachedTeacher:
         keep = shifted != IGNORE
         if kind == "ce":
             return F.cross_entropy(s_logits[keep], shifted[keep])
-        t_ids, t_lp = self.cache.batch(indices, ids.shape[1])
-        return topk_distill_loss(s_logits[keep], t_ids[:, :-1][keep], t_lp[:, :-1][keep], shifted[keep],
-                                 alpha=alpha, temperature=temperature)
+        t_ids, t_lp, t_tail = self.cache.batch(indices, ids.shape[1])
+        return topk_distill_loss(s_logits[keep], t_ids[:, :-1][keep], t_lp[:, :-1][keep], t_tail[:, :-1][keep],
+                                 shifted[keep], alpha=alpha, temperature=temperature)

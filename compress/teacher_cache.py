@@ -2,11 +2,12 @@
 (or several runs of one) train from one teacher pass without loading the teacher again.
 
 For every position of every tokenized example (in tokenization order, before any shuffle): the
-teacher's k most likely next-token ids (int32) and their log-probabilities at T=1 (float16), in
-safetensors shards (`ids`, `logprobs`, `lengths`: positions per example). `teacher_cache.json`,
+teacher's k most likely next-token ids (int32), their log-probabilities at T=1 (float16) and the
+log of the mass left outside them (float32), in safetensors shards (`ids`, `logprobs`, `tail`,
+`lengths`: positions per example): 6k + 4 bytes per position (196 at k = 32). `teacher_cache.json`,
 written last so a half-built cache is never used, records the teacher, the data's sha256, a hash of
-the tokenizer's vocabulary, seq_len, k and the mean probability mass the top k cover (what the
-top-k loss drops; see distill_losses.topk_forward_kl).
+the tokenizer's vocabulary, seq_len, k and the mean probability mass the top k cover (the rest is what the
+top-k loss lumps into one outcome; see distill_losses.topk_forward_kl).
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ def build_cache(teacher, examples, folder: Path, *, k: int, batch_size: int, pad
     from tqdm import tqdm
 
     from compress.data import pad_batches
+    from compress.distill_losses import tail_logmass
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     teacher.eval()
     shards: list[str] = []
-    pending: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "lengths": []}
+    pending: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "tail": [], "lengths": []}
     held, mass, positions = 0, 0.0, 0
 
     def flush() -> None:
@@ -61,11 +63,14 @@ def build_cache(teacher, examples, folder: Path, *, k: int, batch_size: int, pad
     n_batches = -(-len(examples) // batch_size)
     for i, (ids, mask, _) in enumerate(tqdm(pad_batches(examples, batch_size, pad_id), total=n_batches,
                                             desc=f"teacher top-{k}", unit="batch", disable=not progress)):
-        top = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1).topk(k, dim=-1)
+        logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        top = torch.log_softmax(logits, -1).topk(k, dim=-1)
+        tail = tail_logmass(logits.flatten(0, 1), top.indices.flatten(0, 1)).view(logits.shape[:2])
         for j, e in enumerate(examples[i * batch_size:(i + 1) * batch_size]):
             n = len(e.input_ids)
             pending["ids"].append(top.indices[j, :n].to(torch.int32))
             pending["logprobs"].append(top.values[j, :n].to(torch.float16))
+            pending["tail"].append(tail[j, :n])
             pending["lengths"].append(torch.tensor([n], dtype=torch.int64))
             mass += float(top.values[j, :n].exp().sum())
             held += n
@@ -97,19 +102,23 @@ class TeacherCache:
         parts = [load_file(Path(folder) / name) for name in manifest["shards"]]
         self.ids = torch.cat([p["ids"] for p in parts])
         self.logprobs = torch.cat([p["logprobs"] for p in parts])
+        self.tail = torch.cat([p["tail"] for p in parts])
         self.lengths = torch.cat([p["lengths"] for p in parts])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.lengths.cumsum(0)])
 
-    def batch(self, indices: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [B, width, k] int64, logprobs [B, width, k] float32); padding is zeros (masked by the loss)."""
+    def batch(self, indices: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [B, width, k] int64, logprobs [B, width, k] float32, tail [B, width] float32); padding is
+        zeros (masked by the loss)."""
         k = self.ids.shape[1]
         ids = torch.zeros((len(indices), width, k), dtype=torch.int64)
         lps = torch.zeros((len(indices), width, k), dtype=torch.float32)
+        tail = torch.zeros((len(indices), width), dtype=torch.float32)
         for row, i in enumerate(indices):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
             ids[row, :b - a] = self.ids[a:b].long()
             lps[row, :b - a] = self.logprobs[a:b].float()
-        return ids, lps
+            tail[row, :b - a] = self.tail[a:b]
+        return ids, lps, tail
 
 
 def open_cache(folder: Path, *, data_sha256: str, vocab_sha256: str, seq_len: int, examples) -> TeacherCache:

@@ -58,6 +58,10 @@ def test_cache_holds_top_k_per_position(built):
     shard = load_file(cache / manifest["shards"][0])
     assert shard["ids"].dtype == torch.int32 and shard["logprobs"].dtype == torch.float16
     assert shard["ids"].shape[1] == 16 and int(shard["lengths"].sum()) == manifest["positions"]
+    assert shard["tail"].dtype == torch.float32 and len(shard["tail"]) == manifest["positions"]
+    # top-k mass plus the tail's mass is the whole distribution
+    total = shard["logprobs"].float().exp().sum(-1) + shard["tail"].exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-2)
     assert 0.5 < manifest["mean_topk_mass"] <= 1.0
     assert first["teacher_source"].startswith("top-16 cache")
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from compress.distill_losses import (distill_loss, forward_kl, generalized_jsd, reverse_kl, topk_distill_loss,
-                                     topk_forward_kl)
+from compress.distill_losses import (distill_loss, forward_kl, generalized_jsd, reverse_kl, tail_logmass,
+                                     topk_distill_loss, topk_forward_kl)
 
 
 @pytest.fixture()
@@ -65,40 +65,45 @@ def test_alpha_mixes_with_cross_entropy(logits):
 
 
 def _topk(teacher: torch.Tensor, k: int):
+    """As the cache stores them: ids int32, log-probs float16, the tail's log-mass float32."""
     top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
-    return top.indices.int(), top.values.half()  # as the cache stores them
+    return top.indices.int(), top.values.half(), tail_logmass(teacher, top.indices)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_topk_kl_equals_forward_kl_when_k_is_the_vocab(logits, temperature):
     s, t = logits
-    ids, lp = _topk(t, t.shape[-1])
+    ids, lp, tail = _topk(t, t.shape[-1])
     full = float(forward_kl(s, t, temperature))
-    assert abs(float(topk_forward_kl(s, ids, lp, temperature)) - full) < 1e-2 * full  # float16 log-probs
+    assert abs(float(topk_forward_kl(s, ids, lp, tail, temperature)) - full) < 1e-2 * full  # float16 log-probs
 
 
-def test_topk_kl_is_zero_for_identical_distributions(logits):
+@pytest.mark.parametrize("k", [1, 4, 11])
+def test_topk_kl_is_zero_for_identical_distributions_and_below_the_full_kl(logits, k):
+    s, t = logits
+    ids, lp, tail = _topk(t, k)
+    assert abs(float(topk_forward_kl(t.clone(), ids, lp, tail, 2.0))) < 1e-3
+    # k + 1 outcomes are a coarser view of the same two distributions: never more divergent
+    assert 0 < float(topk_forward_kl(s, ids, lp, tail)) <= float(forward_kl(s, t)) + 1e-3
+
+
+def test_topk_kl_sees_the_tail_mass(logits):
     _, t = logits
-    ids, lp = _topk(t, t.shape[-1])
-    assert abs(float(topk_forward_kl(t.clone(), ids, lp))) < 1e-3
-    # k < vocab: the target is the teacher truncated to its top k and renormalised; a student with
-    # exactly that distribution has zero loss, the untruncated teacher a positive one (its tail mass)
-    ids, lp = _topk(t, 4)
-    truncated = torch.full_like(t, -1e4).scatter(-1, ids.long(), lp.float())
-    assert abs(float(topk_forward_kl(truncated, ids, lp))) < 1e-3
-    tail = 1 - lp.float().exp().sum(-1)
-    assert float(topk_forward_kl(t, ids, lp)) == pytest.approx(float(-torch.log1p(-tail).mean()), rel=1e-2)
+    ids, lp, tail = _topk(t, 4)
+    # the same shape on the top 4 tokens, but far more mass on the others: penalised
+    heavier_tail = t.clone().scatter_add(-1, ids.long(), torch.full((t.shape[0], 4), -3.0))
+    assert float(topk_forward_kl(heavier_tail, ids, lp, tail)) > 0.1
 
 
 def test_topk_loss_masks_mixes_and_reaches_the_student_only(logits):
     s, t = logits
     s = s.clone().requires_grad_(True)
-    ids, lp = _topk(t, 5)
+    ids, lp, tail = _topk(t, 5)
     lp.requires_grad_(True)
     labels = torch.tensor([1, 2, -100, 3, 4, 5])
-    loss = topk_distill_loss(s, ids, lp, labels, alpha=0.5, temperature=2.0)
+    loss = topk_distill_loss(s, ids, lp, tail, labels, alpha=0.5, temperature=2.0)
     loss.backward()
     assert s.grad[2].abs().sum() == 0 and s.grad[0].abs().sum() > 0  # the ignored position gives no gradient
     assert lp.grad is None
     ce = torch.nn.functional.cross_entropy(s.detach(), labels, ignore_index=-100)
-    assert torch.allclose(topk_distill_loss(s.detach(), ids, lp, labels, alpha=0.0), ce)
+    assert torch.allclose(topk_distill_loss(s.detach(), ids, lp, tail, labels, alpha=0.0), ce)
