@@ -1,0 +1,168 @@
+"""The RouteLLM curve for slimserve's router on SmolLM2 and its distilled student.
+
+    python -m tests.bench.router_curve --student /tmp/router/student-kd \
+        --train /tmp/router/train.jsonl --heldout /tmp/router/heldout.jsonl
+
+1. `calibrate-router` on the training prompts (the learned router and the thresholds it picks).
+2. Offline, on held-out prompts: both models answer; for the learned and cascade policies at every
+   threshold, the student share against quality (mean ROUGE-L agreement of the served answers with the
+   teacher's, teacher = 1.0).
+3. Live: a real slimserve serving teacher, student and both policies at the calibrated thresholds;
+   held-out prompts sent to `auto:learned` and `auto:cascade`; share and quality of what it served.
+Writes tests/bench/figures/router_smollm2.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from compress.router_calibration import CalibrationConfig, answer, calibrate, curve, prompts_of, rouge_l, sweep
+from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.router.features import featurizer
+from server.router.learned import LearnedRouter
+
+FIGURES = Path(__file__).parent / "figures"
+
+
+def at(points: list[dict], threshold: float) -> dict:
+    """The held-out point of the threshold calibration chose (the nearest swept one at or above it)."""
+    above = [p for p in points if p["threshold"] >= threshold]
+    return min(above, key=lambda p: p["threshold"]) if above else points[-1]
+
+
+def live(args, teacher: str, router_dir: Path, cascade_threshold: float, prompts: list[str], work: Path) -> dict:
+    import openai
+
+    from tests.conftest import ServerProcess
+
+    config = {"max_num_seqs": 8, "models": [{"name": "teacher", "model": teacher},
+                                            {"name": "student", "model": args.student}],
+              "router": {"default": "learned", "policies": {
+                  "learned": {"type": "learned", "path": str(router_dir), "student": "student", "teacher": "teacher"},
+                  "cascade": {"type": "cascade", "student": "student", "teacher": "teacher",
+                              "threshold": min(0.0, cascade_threshold), "metric": "mean_logprob"}}}}
+    (work / "serve.yaml").write_text(yaml.safe_dump(config))
+    server = ServerProcess(["--config", str(work / "serve.yaml")], log_path=work / "server.log")
+    out = {}
+    try:
+        server.wait_ready(300)
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+
+        def ask(model: str, prompt: str):
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=args.max_tokens)
+            return raw.parse(), raw.headers.get("x-slimserve-route", "")
+
+        reference = [ask("teacher", p)[0].choices[0].message.content for p in tqdm(prompts, desc="live teacher")]
+        for policy in ("learned", "cascade"):
+            served, scores = [], []
+            for p, ref in tqdm(list(zip(prompts, reference)), desc=f"live auto:{policy}"):
+                resp, _ = ask(f"auto:{policy}", p)
+                served.append(resp.model)
+                scores.append(1.0 if resp.model == "teacher" else rouge_l(resp.choices[0].message.content, ref))
+            out[policy] = {"prompts": len(prompts), "student_share": served.count("student") / len(served),
+                           "quality": float(np.mean(scores))}
+    finally:
+        server.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default=DEFAULT_MODEL_ID)
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--train", type=Path, required=True)
+    ap.add_argument("--heldout", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/router/bench"))
+    ap.add_argument("--features", default="minilm")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--agree-threshold", type=float, default=0.5)
+    ap.add_argument("--target-quality", type=float, default=0.95)
+    ap.add_argument("--max-train", type=int, default=300)
+    ap.add_argument("--max-heldout", type=int, default=200)
+    ap.add_argument("--live-prompts", type=int, default=60)
+    ap.add_argument("--out", type=Path, default=FIGURES / "router_smollm2.json")
+    args = ap.parse_args(argv)
+    teacher = str(default_model_dir(Path.home() / ".cache" / "slimserve")) if args.teacher == DEFAULT_MODEL_ID \
+        else args.teacher
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    train_file = args.work / "train.jsonl"
+    train_file.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts_of(args.train)[: args.max_train]))
+    router_dir = args.work / "router"
+    report = calibrate(CalibrationConfig(teacher=Path(teacher), student=Path(args.student), prompts=train_file,
+                                         out=router_dir, features=args.features, max_tokens=args.max_tokens,
+                                         agree_threshold=args.agree_threshold, target_quality=args.target_quality))
+    router = LearnedRouter.load(router_dir)
+
+    held = prompts_of(args.heldout)[: args.max_heldout]
+    t_ans = answer(Path(teacher), held, args.max_tokens, 8, "held-out teacher")
+    s_ans = answer(Path(args.student), held, args.max_tokens, 8, "held-out student")
+    agreement = np.array([rouge_l(s.text, t.text) for s, t in zip(s_ans, t_ans)])
+    learned_scores = router.scores(featurizer(args.features)(held))
+    confidence = np.array([s.mean_logprob for s in s_ans])
+    curves = {"learned": curve(learned_scores, agreement, sweep(learned_scores)),
+              "cascade": curve(confidence, agreement, sweep(confidence))}
+    chosen = {"learned": at(curves["learned"], router.threshold),
+              "cascade": at(curves["cascade"], report["cascade"]["chosen"]["threshold"])}
+    best = {name: max([p for p in pts if p["quality"] >= args.target_quality] or [{"student_share": 0.0}],
+                      key=lambda p: p["student_share"])["student_share"] for name, pts in curves.items()}
+    result = {
+        "teacher": teacher, "student": args.student, "features": args.features, "max_tokens": args.max_tokens,
+        "agreement": {"metric": "rouge_l_f1", "label_threshold": args.agree_threshold,
+                      "heldout_mean": float(agreement.mean()),
+                      "heldout_share_agreeing": float((agreement >= args.agree_threshold).mean())},
+        "calibration": {k: report[k] for k in ("num_prompts", "holdout", "train_accuracy", "chosen", "cascade")},
+        "heldout": {"prompts": len(held), "curves": curves, "at_calibrated_threshold": chosen,
+                    f"max_student_share_at_quality_{args.target_quality}": best},
+        "examples": [{"prompt": p, "teacher": t.text, "student": s.text, "rouge_l": round(float(a), 3)}
+                     for p, t, s, a in list(zip(held, t_ans, s_ans, agreement))[:8]],
+    }
+    if args.live_prompts:
+        result["live"] = live(args, teacher, router_dir, report["cascade"]["chosen"]["threshold"],
+                              held[: args.live_prompts], args.work)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    _plot(args.out.with_suffix(".png"), curves, chosen, result.get("live", {}), args.target_quality)
+    print(json.dumps({k: result[k] for k in ("agreement", "calibration")}, indent=2))
+    print(json.dumps(result["heldout"]["at_calibrated_threshold"], indent=2), json.dumps(best), result.get("live"))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _plot(path: Path, curves: dict, chosen: dict, live_points: dict, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, label in (("learned", "learned router (MiniLM)"), ("cascade", "cascade (student mean logprob)")):
+        pts = sorted(curves[name], key=lambda p: p["student_share"])
+        line, = ax.plot([p["student_share"] for p in pts], [p["quality"] for p in pts], marker="o", ms=3, label=label)
+        ax.plot([chosen[name]["student_share"]], [chosen[name]["quality"]], marker="*", ms=14, color=line.get_color())
+        if name in live_points:
+            ax.plot([live_points[name]["student_share"]], [live_points[name]["quality"]], marker="s", ms=8,
+                    mfc="none", color=line.get_color(), label=f"{name}: live server")
+    share = np.linspace(0, 1, 11)
+    ax.plot(share, 1 - share * (1 - min(p["quality"] for p in curves["learned"])), ls=":", color="grey",
+            label="random routing")
+    ax.axhline(target, color="grey", ls="--", lw=1, label=f"{target:.0%} of teacher quality")
+    ax.set_xlabel("share of held-out prompts answered by the student")
+    ax.set_ylabel("quality: agreement with teacher (teacher = 1)")
+    ax.set_title("SmolLM2-135M teacher vs distilled student: routing")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
