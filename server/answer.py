@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from server.engines.remote import RemoteEngine
+from server.errors import APIError
 from server.routes import chat, completions
 
 LOCAL = {"chat": chat, "completions": completions}
@@ -21,11 +22,41 @@ def wire_body(body) -> dict:
 
 async def complete(kind: str, target, body, http: Request, state, name: str) -> dict:
     if isinstance(target.engine, RemoteEngine):
-        return await target.engine.complete(kind, wire_body(body))
+        try:
+            result = await target.engine.complete(kind, wire_body(body))
+        except APIError as exc:
+            _count(state, name, exc.status_code)
+            raise
+        _count(state, name, 200)
+        return result
     return await LOCAL[kind].complete_local(target, body, http, state, name)
 
 
 async def open_stream(kind: str, target, body, state, name: str) -> AsyncIterator[dict]:
     if isinstance(target.engine, RemoteEngine):
-        return await target.engine.open_stream(kind, wire_body(body))
+        try:
+            events = await target.engine.open_stream(kind, wire_body(body))
+        except APIError as exc:
+            _count(state, name, exc.status_code)
+            raise
+        return _counted(events, state, name)
     return await LOCAL[kind].open_local_stream(target, body, state, name)
+
+
+def _count(state, name: str, status: int) -> None:
+    """Remote requests are counted here (local ones by the engine's own stats, in serving.py)."""
+    state.metrics.requests.labels(name, "", str(status)).inc()
+
+
+async def _counted(events: AsyncIterator[dict], state, name: str) -> AsyncIterator[dict]:
+    status = 499  # the client went away unless the stream ends or fails
+    try:
+        async for item in events:
+            yield item
+        status = 200
+    except APIError as exc:
+        status = exc.status_code
+        raise
+    finally:
+        await events.aclose()
+        _count(state, name, status)

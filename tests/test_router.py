@@ -177,3 +177,5 @@ def test_route_metrics(client, router_server):
     assert 'slimserve_route_escalations_total{policy="always_escalate"}' in text
     assert "slimserve_cascade_confidence_bucket" in text
     assert 'slimserve_route_fallbacks_total{policy="deadfirst",skipped="dead",to="far"' in text
+    assert 'slimserve_requests_total{adapter="",model="far",status="200"}' in text  # remote requests counted
+    assert 'slimserve_requests_total{adapter="",model="dead",status="503"}' in text
