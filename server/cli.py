@@ -50,6 +50,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-lora-rank", type=int)
     p.add_argument("--admin-key", help="key for /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--shutdown-grace", type=float, help="SIGTERM: seconds in-flight requests get to finish")
+    p.add_argument("--metrics-public", action="store_true", default=None,
+                   help="serve /metrics without an API key (for Prometheus or an endpoint picker)")
 
 
 def _adapters_parser(sub) -> None:

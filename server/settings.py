@@ -54,6 +54,7 @@ class ServeSettings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace: float = Field(30.0, ge=0, description="SIGTERM: seconds in-flight requests get to finish")
+    metrics_public: bool = Field(False, description="serve /metrics without an API key (scrapers, endpoint pickers)")
     # several models in one server (serve.yaml); empty: the single model the settings above describe
     models: list[ModelEntry] = Field(default_factory=list)
     router: RouterSettings | None = None

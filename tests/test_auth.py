@@ -37,3 +37,10 @@ def test_openai_client_with_the_key(keyed_server):
     bad = openai.OpenAI(base_url=keyed_server.base_url + "/v1", api_key="ignored-because-flag-wins", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_metrics_public_opens_only_metrics(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--api-key", "k-one",
+                           "--metrics-public"])
+    assert httpx.get(server.base_url + "/metrics").status_code == 200
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.auth import ClientAuth, State
+from server.auth import State, require_client_key
 
 router = APIRouter()
 
@@ -26,7 +26,9 @@ async def ready(state: State):
                         status_code=200 if ok else 503)
 
 
-@router.get("/metrics", dependencies=[ClientAuth])
-async def metrics(state: State):
+@router.get("/metrics")
+async def metrics(request: Request, state: State):
+    if not state.settings.metrics_public:
+        require_client_key(request, state)
     body = state.metrics.render({m: e.stats() for m, e in state.engines.items()}, state.settings.max_loras)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
