@@ -85,6 +85,8 @@ def read_config(folder: Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{folder.name}: {CONFIG_FILE} is not valid JSON: {exc}", reason="bad_config") from None
+    except RecursionError:  # found by tests/test_fuzz_loader.py
+        raise AdapterError(f"{folder.name}: {CONFIG_FILE} is nested too deeply", reason="bad_config") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{folder.name}: {CONFIG_FILE} must be a JSON object", reason="bad_config")
     return cfg
@@ -114,8 +116,15 @@ def _config_values(cfg: dict, folder: Path, max_rank: int) -> tuple[int, float, 
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
         targets = [targets] if re.fullmatch(r"[A-Za-z0-9_.]+", targets) else targets
-    if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
+    if not targets or not (isinstance(targets, str) or (isinstance(targets, list)
+                                                         and all(isinstance(t, str) for t in targets))):
         raise AdapterError(f"{where}: target_modules must be a non-empty list of module names", reason="bad_config")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError):  # found by tests/test_fuzz_loader.py
+            raise AdapterError(f"{where}: target_modules {targets!r} is not a valid regular expression",
+                               reason="bad_config") from None
     scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
     return rank, float(alpha), float(scale), targets
 
@@ -134,7 +143,7 @@ def read_safetensors_header(path: Path) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: found by fuzzing
         raise AdapterError(f"{path.parent.name}: {WEIGHTS_FILE} header is not valid JSON",
                            reason="corrupt_weights") from None
     if not isinstance(header, dict):
@@ -143,7 +152,7 @@ def read_safetensors_header(path: Path) -> dict:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        ok = (isinstance(info, dict) and info.get("dtype") in _FLOAT_DTYPES
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in _FLOAT_DTYPES
               and isinstance(info.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in info["shape"])
               and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
               and all(isinstance(o, int) for o in info["data_offsets"])

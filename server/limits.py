@@ -15,8 +15,12 @@ from server.request_context import current
 
 
 def admit(engine, prompts: list[list[int]], choices: int) -> None:
-    """Refuse prompts above max_prompt_tokens, and work beyond the engine's waiting-queue bound."""
+    """Refuse token ids outside the vocabulary, prompts above max_prompt_tokens, and work beyond the
+    engine's waiting-queue bound."""
     limits = current().limits
+    vocab = getattr(engine, "vocab_size", None)
+    if vocab is not None and any(t >= vocab for p in prompts for t in p):
+        raise BadRequest(f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
     if limits.max_prompt_tokens is not None:
         longest = max((len(p) for p in prompts), default=0)
         if longest > limits.max_prompt_tokens:

@@ -18,6 +18,7 @@ from server.request_context import current
 
 MAX_STOP = 64  # hard cap in the schema; settings.max_stop is the server's own bound
 MAX_TOP_LOGPROBS = 20
+MAX_TOKEN_ID = 2**31 - 1  # beyond int32, torch and vLLM overflow (found by tests/test_fuzz_api.py)
 
 
 class _Strict(BaseModel):
@@ -64,9 +65,9 @@ class _SamplingFields(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
     # vLLM extensions
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, le=MAX_TOKEN_ID)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(None, max_length=64)
     ignore_eos: bool = False
 
     # The configured bounds of this server (settings: `# limits (hardening)`), from the request context.
@@ -114,7 +115,8 @@ class _SamplingFields(_Strict):
         seed = None if self.seed is None else (self.seed + index) % 2**63
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature,
+            # as vLLM: below 1e-5 is greedy (a temperature of 1e-51 overflowed the logits: found by fuzzing)
+            temperature=0.0 if self.temperature < 1e-5 else self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             seed=seed,

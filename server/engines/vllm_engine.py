@@ -124,6 +124,7 @@ class VLLMEngine(HFTokenizing):
         engine = cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
                      source=str(path), weight_bytes=weight_bytes, stats=stats)
         engine.quantization = llm.model_config.quantization
+        engine.vocab_size = llm.model_config.get_vocab_size()  # larger prompt ids are refused (limits.admit)
         return engine
 
     # ---- generation -----------------------------------------------------------------------------
