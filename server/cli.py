@@ -78,6 +78,8 @@ def _adapters_parser(sub) -> None:
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--eval-fraction", type=float, default=0.1)
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (into eval_history)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
 
@@ -99,9 +101,14 @@ def _adapters(args: argparse.Namespace) -> int:
         last_n_blocks=args.last_n_blocks, train_modules=args.train_modules, epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seq_len=args.seq_len, eval_fraction=args.eval_fraction, save_every=args.save_every, seed=args.seed,
-        base_name=args.base,
+        base_name=args.base, eval_every=args.eval_every, resume=args.resume,
     )
-    report = train(cfg)
+    from compress.training import ResumeError
+
+    try:
+        report = train(cfg)
+    except ResumeError as exc:
+        raise ConfigError("resume", str(exc)) from None
     print(json.dumps({k: report[k] for k in ("mode", "steps", "tokens", "seconds", "held_out_loss")}, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -100,9 +100,15 @@ def test_cli_trains(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "server", "adapters", "train", "--base", str(tiny_model_dir),
                         "--data", str(chat_data), "--out", str(out), "--max-steps", "3", "--batch-size", "4",
-                        "--rank", "4"], capture_output=True, text=True, timeout=300)
+                        "--rank", "4", "--eval-every", "2", "--save-every", "2"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert [e["step"] for e in json.loads((out / "slimserve.json").read_text())["eval_history"]] == [0, 2, 3]
+    r = subprocess.run([sys.executable, "-m", "server", "adapters", "train", "--base", str(tiny_model_dir),
+                        "--data", str(chat_data), "--out", str(out), "--max-steps", "3", "--batch-size", "4",
+                        "--rank", "8", "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "invalid setting 'resume'" in r.stderr  # another recipe than the checkpoint's
     r = subprocess.run([sys.executable, "-m", "server", "adapters", "train", "--base", str(tmp_path),
                         "--data", str(chat_data), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "invalid setting 'base'" in r.stderr
