@@ -13,13 +13,15 @@ import pytest
 from conftest import TINY
 
 KEY = "sk-test-secret-4242"
+ADMIN_KEY = "admin-secret-9191"
 PROMPT = "PROMPT-THAT-MUST-NOT-BE-LOGGED"
 
 
 @pytest.fixture(scope="module")
 def jserver(start_server, tiny_model_dir):
     return start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--dtype", "float32",
-                         "--log-format", "json", "--api-key", KEY])
+                         "--log-format", "json", "--api-key", KEY,
+                         "--admin-key", ADMIN_KEY])
 
 
 def _lines(server, request_id: str, timeout: float = 10) -> list[dict]:
@@ -70,9 +72,11 @@ def test_keys_and_prompts_are_never_logged(jserver):
                                                                     "x-request-id": "chat-1"},
                json={"model": TINY, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2})
     httpx.get(jserver.base_url + "/v1/models", headers={"authorization": f"Bearer {KEY}-wrong", "x-request-id": "bad-1"})
-    assert _lines(jserver, "chat-1") and _lines(jserver, "bad-1")
+    httpx.post(jserver.base_url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/nope"},
+               headers={"authorization": f"Bearer {ADMIN_KEY}", "x-request-id": "admin-1"})
+    assert _lines(jserver, "chat-1") and _lines(jserver, "bad-1") and _lines(jserver, "admin-1")
     text = jserver.log_path.read_text(errors="replace")
-    assert KEY not in text and PROMPT not in text
+    assert KEY not in text and ADMIN_KEY not in text and PROMPT not in text
     records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     loggers = {r["logger"] for r in records}  # Python logging, uvicorn's own included, is JSON in json mode
     assert {"slimserve.request", "uvicorn.error"} <= loggers, loggers
