@@ -67,6 +67,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
             settings.model_id, path, dtype=settings.dtype, max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             options=options, trust_remote_code=settings.trust_remote_code,
+            enable_lora=bool(settings.lora or settings.adapter_roots or settings.admin_key),
         )
     vllm_only = {k for k in settings.vllm_options() if k != "quantization"}
     if vllm_only:

@@ -19,7 +19,7 @@ from typing import Any
 from server.engines.adapter_slots import AdapterSlots
 from server.engines.base import Chunk, EngineStats, GenerationRequest, TokenLogprob
 from server.engines.tokenizing import HFTokenizing
-from server.errors import ConfigError, EngineError, NotFound
+from server.errors import ConfigError, EngineError, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,18 @@ def _stat_logger_factory(stats: _Stats):
 
 
 def engine_args(path: str, *, dtype: str, max_model_len: int | None, max_num_seqs: int, max_loras: int,
-                max_lora_rank: int, options: dict[str, Any], trust_remote_code: bool):
+                max_lora_rank: int, options: dict[str, Any], trust_remote_code: bool, enable_lora: bool = True):
     """vLLM's AsyncEngineArgs from slimserve settings; `options` pass through (quantization, ...)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = dict(
         model=path, tokenizer=path, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-        enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank, trust_remote_code=trust_remote_code,
-        disable_log_stats=False,
+        trust_remote_code=trust_remote_code, disable_log_stats=False,
     )
-    # one spare CPU-cache place: slimserve installs a replacement before it evicts the old adapter
-    kwargs["max_cpu_loras"] = max_loras + 1
+    if enable_lora:  # vLLM's LoRA layers cost base requests too (~0.76x throughput on CPU): only when asked for
+        kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
+        # one spare CPU-cache place: slimserve installs a replacement before it evicts the old adapter
+        kwargs["max_cpu_loras"] = max_loras + 1
     for key, value in options.items():
         if value is not None:
             kwargs[key] = value
@@ -99,7 +100,8 @@ class VLLMEngine(HFTokenizing):
     @classmethod
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
              max_num_seqs: int = 32, max_loras: int = 8, max_lora_rank: int = 64,
-             options: dict[str, Any] | None = None, trust_remote_code: bool = False) -> "VLLMEngine":
+             options: dict[str, Any] | None = None, trust_remote_code: bool = False,
+             enable_lora: bool = True) -> "VLLMEngine":
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
@@ -112,7 +114,7 @@ class VLLMEngine(HFTokenizing):
             options["gpu_memory_utilization"] = 0.3
         args = engine_args(str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                            max_loras=max_loras, max_lora_rank=max_lora_rank, options=options,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, enable_lora=enable_lora)
         stats = _Stats()
         started = time.perf_counter()
         try:
@@ -124,6 +126,7 @@ class VLLMEngine(HFTokenizing):
         engine = cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
                      source=str(path), weight_bytes=weight_bytes, stats=stats)
         engine.quantization = llm.model_config.quantization
+        engine.lora_enabled = enable_lora
         engine.vocab_size = llm.model_config.get_vocab_size()  # larger prompt ids are refused (limits.admit)
         return engine
 
@@ -203,6 +206,9 @@ class VLLMEngine(HFTokenizing):
 
         from adapters.loader import check_finite
 
+        if not getattr(self, "lora_enabled", True):
+            raise Forbidden("this vLLM engine was started without LoRA; start it with --adapter-root, --lora or "
+                            "--admin-key to serve adapters")
         await asyncio.to_thread(check_finite, weights)  # vLLM runs in other processes: no thread concern here
         self._loop = asyncio.get_running_loop()
         lora_id = next(self._ids)

@@ -30,7 +30,7 @@ def raw_vllm(model_dir: Path) -> ServerProcess:
                          ready_path="/health", command=lambda port: [
                              sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                              "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-                             "--enable-lora", "--max-loras", "8", "--max-lora-rank", "64", *COMMON])
+                             *COMMON])  # no LoRA on either side: slimserve enables it only when adapters are configured
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.default_model import default_model_dir
 
     model_dir = default_model_dir(Path.home() / ".cache" / "slimserve")
-    ours = ServerProcess(["--engine", "vllm", "--max-loras", "8", "--max-lora-rank", "64", *COMMON],
+    ours = ServerProcess(["--engine", "vllm", *COMMON],
                          env={"VLLM_CPU_OMP_THREADS_BIND": BIND}, log_path=Path("/tmp/slimserve-vllm-bench.log"))
     raw = raw_vllm(model_dir)
     results: dict[str, dict[int, list[dict]]] = {"slimserve": {1: [], 16: []}, "raw_vllm": {1: [], 16: []}}
