@@ -8,7 +8,7 @@ the end nothing may still run or wait. Resident memory is read from the server's
 the first window after warm-up. A 429 (queue full) is a refusal, not a failure; any other error,
 dropped connection or in-band error event on an accepted request is a failure.
 
-    python -m tests.bench.soak                           # 64 clients, 5 minutes, embedded SmolLM2
+    python -m tests.bench.soak                           # 64 clients, 2 min warm-up + 5 min, SmolLM2
     python -m tests.bench.soak --clients 16 --duration 60 --server-arg=--model --server-arg=./my-model
     python -m tests.bench.soak --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct
 
@@ -140,7 +140,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 4)
 
 
-def soak(base_url: str, model: str, *, clients: int = 64, duration: float = 300, warmup: float = 30,
+def soak(base_url: str, model: str, *, clients: int = 64, duration: float = 300, warmup: float = 120,
          disconnect_every: int = 10, rss_window: float = 30, max_tokens: int = 64, api_key: str | None = None,
          max_rss_growth: float = 0.05) -> dict:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -182,6 +182,7 @@ def soak(base_url: str, model: str, *, clients: int = 64, duration: float = 300,
                     "end": round(statistics.mean(last) / 2**20, 1) if last else None,
                     "peak": round(max(v for _, v in rss) / 2**20, 1) if rss else None},
         "rss_growth": round(growth, 4) if growth is not None else None,
+        "rss_timeline_mib": [[round(t), round(v / 2**20, 1)] for t, v in rss[::15]],  # every ~30 s
     }
     result["checks"] = {
         "no_failed_accepted_requests": not tally.failures,
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--duration", type=float, default=300, help="seconds measured after the warm-up")
-    ap.add_argument("--warmup", type=float, default=30)
+    ap.add_argument("--warmup", type=float, default=120, help="seconds before measuring; RSS climbs for ~2 min")
     ap.add_argument("--rss-window", type=float, default=30, help="seconds averaged at each end for RSS growth")
     ap.add_argument("--disconnect-every", type=int, default=10, help="every Nth request of a client leaves early")
     ap.add_argument("--max-tokens", type=int, default=64)
