@@ -39,6 +39,7 @@ class CalibrationConfig:
     target_share: float | None = None
     holdout_fraction: float = 0.3
     seed: int = 0
+    teacher_answers: Path | None = None  # JSONL of chat rows the teacher already answered (e.g. distillation data)
 
 
 @dataclass
@@ -62,8 +63,10 @@ def prompts_of(path: Path) -> list[str]:
 
 
 @torch.inference_mode()
-def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: int, desc: str) -> list[Answer]:
-    """Greedy chat answers with the logprob of each chosen token (what a cascade reads)."""
+def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: int, desc: str,
+           dtype: torch.dtype = torch.float32) -> list[Answer]:
+    """Greedy chat answers with the logprob of each chosen token (what a cascade reads). fp32 by default:
+    on CPUs without fast bf16 kernels for every op, bf16 generation is several times slower."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +74,7 @@ def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: in
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
     eos = tok.eos_token_id
     out: list[Answer] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
@@ -90,6 +93,27 @@ def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: in
             lp = logprobs[row, :end].tolist() or [0.0]
             out.append(Answer(tok.decode(ids[:end], skip_special_tokens=True).strip(), sum(lp) / len(lp), min(lp)))
     return out
+
+
+def known_answers(path: Path) -> dict[str, str]:
+    """prompt -> the assistant's answer, from chat JSONL rows (the last user turn is the prompt)."""
+    out = {}
+    for row in read_records(path):
+        msgs = row.get("messages") or []
+        users = [m["content"] for m in msgs if m.get("role") == "user"]
+        replies = [m["content"] for m in msgs if m.get("role") == "assistant"]
+        if users and replies:
+            out[users[-1]] = replies[-1].strip()
+    return out
+
+
+def teacher_answers(cfg: "CalibrationConfig", prompts: list[str]) -> list[Answer]:
+    """Reuse answers the teacher already wrote where given; generate the rest."""
+    known = known_answers(cfg.teacher_answers) if cfg.teacher_answers else {}
+    missing = [p for p in prompts if p not in known]
+    fresh = dict(zip(missing, answer(cfg.teacher, missing, cfg.max_tokens, cfg.batch_size, "teacher answers"))) \
+        if missing else {}
+    return [fresh[p] if p in fresh else Answer(known[p], 0.0, 0.0) for p in prompts]
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -146,7 +170,7 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
     prompts = prompts_of(cfg.prompts)
     if len(prompts) < 10:
         raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts; calibration needs at least 10")
-    teacher = answer(cfg.teacher, prompts, cfg.max_tokens, cfg.batch_size, "teacher answers")
+    teacher = teacher_answers(cfg, prompts)
     student = answer(cfg.student, prompts, cfg.max_tokens, cfg.batch_size, "student answers")
     agreement = np.array([rouge_l(s.text, t.text) for s, t in zip(student, teacher)])
     labels = (agreement >= cfg.agree_threshold).astype(np.float64)

@@ -18,6 +18,7 @@ def add_parser(csub) -> None:
     c.add_argument("--teacher", required=True, help="model folder or the embedded default")
     c.add_argument("--student", required=True, help="model folder")
     c.add_argument("--prompts", type=Path, required=True, help="JSONL with `prompt` (or chat `messages`) rows")
+    c.add_argument("--teacher-answers", type=Path, help="chat JSONL the teacher already answered (reused, not redone)")
     c.add_argument("--features", choices=["minilm", "cheap"], default="minilm")
     c.add_argument("--max-tokens", type=int, default=48)
     c.add_argument("--batch-size", type=int, default=8)
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = CalibrationConfig(teacher=teacher, student=student, prompts=args.prompts, out=args.out,
                             features=args.features, max_tokens=args.max_tokens, batch_size=args.batch_size,
                             agree_threshold=args.agree_threshold, target_quality=args.target_quality,
-                            target_share=args.target_share, holdout_fraction=args.holdout_fraction, seed=args.seed)
+                            target_share=args.target_share, holdout_fraction=args.holdout_fraction, seed=args.seed,
+                            teacher_answers=args.teacher_answers)
     try:
         report = calibrate(cfg)
     except ValueError as exc:

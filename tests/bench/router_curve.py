@@ -22,7 +22,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from compress.router_calibration import CalibrationConfig, answer, calibrate, curve, prompts_of, rouge_l, sweep
+from compress.router_calibration import (CalibrationConfig, answer, calibrate, curve, prompts_of, rouge_l, sweep,
+                                         teacher_answers)
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.router.features import featurizer
 from server.router.learned import LearnedRouter
@@ -41,7 +42,7 @@ def live(args, teacher: str, router_dir: Path, cascade_threshold: float, prompts
 
     from tests.conftest import ServerProcess
 
-    config = {"max_num_seqs": 8, "models": [{"name": "teacher", "model": teacher},
+    config = {"max_num_seqs": 8, "dtype": "float32", "models": [{"name": "teacher", "model": teacher},
                                             {"name": "student", "model": args.student}],
               "router": {"default": "learned", "policies": {
                   "learned": {"type": "learned", "path": str(router_dir), "student": "student", "teacher": "teacher"},
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", required=True)
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--heldout", type=Path, required=True)
+    ap.add_argument("--train-answers", type=Path, help="teacher answers to the training prompts (chat JSONL)")
+    ap.add_argument("--heldout-answers", type=Path, help="teacher answers to the held-out prompts (chat JSONL)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/router/bench"))
     ap.add_argument("--features", default="minilm")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -98,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     router_dir = args.work / "router"
     report = calibrate(CalibrationConfig(teacher=Path(teacher), student=Path(args.student), prompts=train_file,
                                          out=router_dir, features=args.features, max_tokens=args.max_tokens,
-                                         agree_threshold=args.agree_threshold, target_quality=args.target_quality))
+                                         agree_threshold=args.agree_threshold, target_quality=args.target_quality,
+                                         teacher_answers=args.train_answers))
     router = LearnedRouter.load(router_dir)
 
     held = prompts_of(args.heldout)[: args.max_heldout]
-    t_ans = answer(Path(teacher), held, args.max_tokens, 8, "held-out teacher")
+    t_ans = teacher_answers(CalibrationConfig(teacher=Path(teacher), student=Path(args.student), prompts=args.heldout,
+                                              out=args.work, max_tokens=args.max_tokens,
+                                              teacher_answers=args.heldout_answers), held)
     s_ans = answer(Path(args.student), held, args.max_tokens, 8, "held-out student")
     agreement = np.array([rouge_l(s.text, t.text) for s, t in zip(s_ans, t_ans)])
     learned_scores = router.scores(featurizer(args.features)(held))
