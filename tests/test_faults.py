@@ -80,12 +80,14 @@ def test_fault_header_is_ignored_unless_enabled(start_server, tiny_model_dir):
 def test_a_dead_engine_thread_turns_ready_false(start_server, tiny_model_dir):
     doomed = start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--dtype", "float32"],
                           env={"SLIMSERVE_FAULT_INJECT": "1"})
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = pool.submit(_post, doomed.base_url, {**LONG, "max_tokens": 2000})
+    body = {**LONG, "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", doomed.base_url + "/v1/completions", json=body, timeout=60) as running:
+        lines = running.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # it is in the running batch now
         killer = _post(doomed.base_url, {**LONG, "max_tokens": 2}, "kill")
-        for r in (killer, running.result()):  # both fail with a 500: nothing hangs on a dead thread
-            assert r.status_code == 500, r.text
-            assert "engine stopped" in r.json()["error"]["message"]
+        assert killer.status_code == 500 and "engine stopped" in killer.json()["error"]["message"], killer.text
+        rest = [line[6:] for line in lines if line.startswith("data: ")]  # nothing hangs on a dead thread
+    assert rest[-1] == "[DONE]" and "engine stopped" in json.loads(rest[-2])["error"]["message"]
     ready = httpx.get(doomed.base_url + "/ready")
     assert ready.status_code == 503 and ready.json()["models"] == {TINY: False}
     assert httpx.get(doomed.base_url + "/health").status_code == 200
