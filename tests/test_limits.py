@@ -24,6 +24,13 @@ def limited(start_server, tiny_model_dir):
                              "SLIMSERVE_RETRY_AFTER_S": "3"})
 
 
+@pytest.fixture(scope="module")
+def queued(start_server, tiny_model_dir):
+    """One running slot, one waiting place; no max_tokens limit so a request can outlast the test's setup."""
+    return start_server(["--model", str(tiny_model_dir), "--served-model-name", TINY, "--dtype", "float32",
+                         "--max-num-seqs", "1", "--max-waiting", "1"], env={"SLIMSERVE_RETRY_AFTER_S": "3"})
+
+
 @pytest.fixture()
 def http(limited):
     with httpx.Client(base_url=limited.base_url, timeout=60) as c:
@@ -92,9 +99,12 @@ def _waiting(base_url: str) -> float:
     return 0.0
 
 
-def test_full_queue_is_429_with_retry_after(limited, http):
+def test_full_queue_is_429_with_retry_after(queued):
+    limited = queued
+    http = httpx.Client(base_url=queued.base_url, timeout=60)
     """max_num_seqs 1 + max_waiting 1: one request runs, one waits, the next is refused (streamed or not)."""
-    long = {"model": TINY, "prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    # long enough that the first request is still running when the second arrives, even on a fast machine
+    long = {"model": TINY, "prompt": "Hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     stop = threading.Event()
     held: list[int] = []
 

@@ -20,8 +20,8 @@ def _start(tiny_model_dir, tmp_path, grace: float) -> ServerProcess:
     return server
 
 
-def _stream(server: ServerProcess, out: dict, started: threading.Event) -> None:
-    body = {"model": TINY, "prompt": "Hello", "max_tokens": 300, "ignore_eos": True, "stream": True,
+def _stream(server: ServerProcess, out: dict, started: threading.Event, max_tokens: int = 300) -> None:
+    body = {"model": TINY, "prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "temperature": 0, "stream_options": {"include_usage": True}}
     events = []
     try:
@@ -66,7 +66,8 @@ def test_grace_period_bounds_the_wait(tiny_model_dir, tmp_path):
     server = _start(tiny_model_dir, tmp_path, grace=0.5)
     out: dict = {}
     started = threading.Event()
-    t = threading.Thread(target=_stream, args=(server, out, started))
+    # 2000 tokens outlast a 0.5 s grace even on a fast machine
+    t = threading.Thread(target=_stream, args=(server, out, started, 2000))
     t.start()
     assert started.wait(60)
     t0 = time.monotonic()
