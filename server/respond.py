@@ -10,9 +10,6 @@ from server.answer import complete, open_stream
 from server.model_config import AUTO
 from server.routes.sse import sse_response
 
-ROUTE_HEADER = "x-slimserve-route"
-
-
 def is_auto(model: str) -> bool:
     return model == AUTO or model.startswith(AUTO + ":")
 

@@ -45,7 +45,8 @@ class UpstreamError(APIError):
             message, self.error_type = str(err["message"]), str(err.get("type") or "upstream_error")
             param, code = err.get("param"), err.get("code")
         else:
-            message, self.error_type, param, code = f"upstream of '{name}' answered {status}", "upstream_error", None, None
+            message, param, code = f"upstream of '{name}' answered {status}", None, None
+            self.error_type = "upstream_error"
         super().__init__(message, param=param, code=code)
         self.status_code = status if 400 <= status < 600 else 502
 

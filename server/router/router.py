@@ -123,6 +123,7 @@ class Router:
     async def answer(self, decision: Decision, order: list[str], kind: str, body, http: Request):
         """Answer from the first target in `order` that is available; a refused upstream is skipped too."""
         last_error: Exception | None = None
+        why: str | None = None  # why the previous target was skipped
         for i, name in enumerate(order):
             if i > 0:
                 decision = self.fell_back(decision, order[i - 1], name, why)
