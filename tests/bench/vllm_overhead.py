@@ -1,7 +1,7 @@
 """slimserve's vLLM engine against raw vLLM's own OpenAI server: same SmolLM2 folder, same engine
 settings, same prompts; 1 and 16 concurrent 128-token streamed requests, alternating servers.
 
-    python -m tests.bench.vllm_overhead [--rounds 2] [--out results/bench_vllm_overhead.json]
+    python -m tests.bench.vllm_overhead [--rounds 2] [--engine vllm|torch] [--out results/bench_vllm_overhead.json]
 """
 
 from __future__ import annotations
@@ -38,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("results/bench_vllm_overhead.json"))
+    ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm",
+                    help="slimserve's engine to put beside raw vLLM (torch: the PyTorch engine, bf16)")
     args = ap.parse_args(argv)
 
     from server.default_model import default_model_dir
 
     model_dir = default_model_dir(Path.home() / ".cache" / "slimserve")
-    ours = ServerProcess(["--engine", "vllm", *COMMON],
+    flags = ["--engine", "vllm", *COMMON] if args.engine == "vllm" else ["--dtype", "bfloat16", "--max-model-len", "2048"]
+    ours = ServerProcess(flags,
                          env={"VLLM_CPU_OMP_THREADS_BIND": BIND}, log_path=Path("/tmp/slimserve-vllm-bench.log"))
     raw = raw_vllm(model_dir)
     results: dict[str, dict[int, list[dict]]] = {"slimserve": {1: [], 16: []}, "raw_vllm": {1: [], 16: []}}
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
               f"-> {row['throughput_ratio']}x; TTFT p50 {row['slimserve_ttft_p50_ms']} vs "
               f"{row['raw_vllm_ttft_p50_ms']} ms -> {row['ttft_ratio']}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summary": summary, "runs": results, "settings": COMMON}, indent=2))
+    args.out.write_text(json.dumps({"summary": summary, "runs": results, "settings": COMMON, "slimserve_flags": flags},
+                                   indent=2))
     print(f"wrote {args.out}")
     return 0
 
