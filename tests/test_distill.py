@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from compress.distill import DistillConfig, DistillError, distill, generate_dataset
 from compress.manifest import read_manifest
 from compress.prune import prune
+from tests.interrupt import stop_after_steps
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +69,6 @@ def test_sequence_level_kd_writes_resumes_and_trains(pair, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert read_manifest(tmp_path / "seq")["method"] == "ce"
-
-
-def stop_after_steps(monkeypatch, n: int) -> None:
-    """Simulate a killed run: the optimizer's (n+1)-th step raises."""
-    real, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise KeyboardInterrupt
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
 def test_interrupted_distill_resumes_and_its_curve_continues(pair, tmp_path, monkeypatch):

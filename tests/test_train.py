@@ -15,6 +15,7 @@ from adapters.loader import load_lora
 from adapters.train import TrainConfig, train
 from compress.data import IGNORE, read_records, tokenize
 from compress.manifest import read_manifest
+from tests.interrupt import stop_after_steps
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +113,6 @@ def test_cli_trains(tiny_model_dir, chat_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "server", "adapters", "train", "--base", str(tmp_path),
                         "--data", str(chat_data), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "invalid setting 'base'" in r.stderr
-
-
-def stop_after_steps(monkeypatch, n: int) -> None:
-    """Simulate a killed run: the optimizer's (n+1)-th step raises."""
-    real, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise KeyboardInterrupt
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
 def test_interrupted_lora_run_resumes_to_the_same_result(tiny_model_dir, chat_data, tmp_path, monkeypatch):
