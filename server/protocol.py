@@ -157,6 +157,10 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def template_messages(self) -> list[dict]:
+        """The messages as the chat template reads them: text parts joined, extra fields kept."""
+        return [{**m.model_dump(exclude_none=True), "content": m.text()} for m in self.messages]
+
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 

@@ -155,7 +155,7 @@ class Router:
         if local is None:
             return len(last_user_text(kind, body)) // 4
         if kind == "chat":
-            messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
+            messages = body.template_messages()
             ids = await asyncio.to_thread(local.render_chat, messages, body.add_generation_prompt)
             return len(ids)
         prompts = body.prompts()

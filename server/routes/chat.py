@@ -24,7 +24,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 async def _plan(target, body: ChatCompletionRequest):
     engine = target.engine
-    messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
+    messages = body.template_messages()
     ids = await asyncio.to_thread(engine.render_chat, messages, body.add_generation_prompt,
                                   **(body.chat_template_kwargs or {}))
     return ids, plan(engine, [ids], body, target.base, body.logprobs_count(), target.adapter)
