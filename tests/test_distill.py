@@ -11,21 +11,13 @@ import pytest
 
 from compress.distill import DistillConfig, DistillError, distill, generate_dataset
 from compress.manifest import read_manifest
-from compress.prune import prune
+from tests.distill_pair import build_pair
 from tests.interrupt import stop_after_steps
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from tiny_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("distill")
-    teacher = build_tiny_model(root / "teacher", layers=4)
-    text = root / "train.txt"
-    text.write_text("\n\n".join(f"Passage {i}: the quick brown fox jumps over the lazy dog, number {i}."
-                                for i in range(60)))
-    prune(teacher, root / "student", calib=text, drop=2)
-    return teacher, root / "student", text
+    return build_pair(tmp_path_factory.mktemp("distill"))
 
 
 def test_kd_lowers_kl_to_the_teacher(pair, tmp_path):

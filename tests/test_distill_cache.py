@@ -14,21 +14,15 @@ from compress.data import pad_batches, read_records, tokenize
 from compress.distill import DistillConfig, DistillError, distill
 from compress.distill_losses import forward_kl
 from compress.manifest import read_manifest
-from compress.prune import prune
 from compress.teacher_cache import MANIFEST, TeacherCacheError
+from tests.distill_pair import build_pair
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Teacher, pruned student, data and a cache made by a first distill run with --cache-teacher."""
-    from tiny_model import build_tiny_model
-
     root = tmp_path_factory.mktemp("cache")
-    teacher = build_tiny_model(root / "teacher", layers=4)
-    text = root / "train.txt"
-    text.write_text("\n\n".join(f"Passage {i}: the quick brown fox jumps over the lazy dog, number {i}."
-                                for i in range(60)))
-    prune(teacher, root / "student", calib=text, drop=2)
+    teacher, _, text = build_pair(root)
     first = distill(DistillConfig(teacher=teacher, student=root / "student", out=root / "first", data=text,
                                   max_steps=2, batch_size=8, seq_len=64, cache_teacher=root / "topk", top_k=16),
                     progress=False)
