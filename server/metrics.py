@@ -104,6 +104,10 @@ class Metrics:
         self.weights.labels(model).set(weight_bytes)
         self.model_info.labels(model, engine, quantization or "none").set(1)
 
+    def refused(self, model: str, adapter: str, status: int) -> None:
+        """A generation request answered before any engine work (400, 401, 404, 413, 429, ...)."""
+        self.requests.labels(model, adapter, str(status)).inc()
+
     def record(self, choices: list[RequestStats], status: int) -> None:
         """Record one finished HTTP request (success, error or abort) from the stats of its choices."""
         first = choices[0]

@@ -35,6 +35,7 @@ class ModelEntry(_Strict):
     max_cpu_loras: int | None = Field(None, ge=1)
     speculative_config: dict[str, Any] | None = None
     trust_remote_code: bool | None = None
+    generation_config: Literal["auto", "none"] | None = None
     # speculative decoding: another entry's name (or a model folder) proposes tokens this model verifies
     draft: str | None = None
     num_speculative_tokens: int = Field(4, ge=1, le=16)

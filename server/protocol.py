@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engines.base import SamplingParams
+from server.engines.generation_defaults import SAMPLING_DEFAULT_FIELDS
 from server.errors import BadRequest
 from server.request_context import current
 
@@ -67,6 +68,7 @@ class _SamplingFields(_Strict):
     # vLLM extensions
     top_k: int = Field(-1, ge=-1, le=MAX_TOKEN_ID)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(None, max_length=64)
     ignore_eos: bool = False
 
@@ -80,6 +82,12 @@ class _SamplingFields(_Strict):
             raise ValueError(f"at most {limits.max_stop} stop sequences")
         if any(len(s) > limits.max_stop_chars for s in stops):
             raise ValueError(f"stop sequences must be at most {limits.max_stop_chars} characters")
+        return value
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def _log_model(cls, value: str) -> str:
+        current().model = value  # for the request log and the refusal metrics, even if another field fails
         return value
 
     @field_validator("n")
@@ -110,15 +118,23 @@ class _SamplingFields(_Strict):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def sampling(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, index: int, defaults: dict | None = None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
+        """Engine parameters for choice `index`. `defaults` (the model's generation_config) fill the
+        sampling fields this request left out, as vLLM does."""
+        given = self.model_fields_set
+        pick = {k: (getattr(self, k) if k in given or k not in (defaults or {}) else defaults[k])
+                for k in SAMPLING_DEFAULT_FIELDS}
         # n > 1 with a seed: each choice gets its own, derived seed, so choices differ but replay.
         seed = None if self.seed is None else (self.seed + index) % 2**63
         return SamplingParams(
             max_tokens=max_tokens,
             # as vLLM: below 1e-5 is greedy (a temperature of 1e-51 overflowed the logits: found by fuzzing)
-            temperature=0.0 if self.temperature < 1e-5 else self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            temperature=0.0 if pick["temperature"] < 1e-5 else pick["temperature"],
+            top_p=pick["top_p"],
+            top_k=pick["top_k"],
+            min_p=pick["min_p"],
+            prompt_logprobs=prompt_logprobs,
             seed=seed,
             stop=self.stop_list(),
             stop_token_ids=list(self.stop_token_ids or []),
@@ -126,7 +142,7 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=pick["repetition_penalty"],
         )
 
 
@@ -145,7 +161,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_chat(self):
-        current().model = self.model  # for the request log
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
@@ -171,14 +186,15 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(None, ge=1, le=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 with echo: score the prompt, generate nothing (as vLLM)
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _check_completion(self):
-        current().model = self.model  # for the request log
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only allowed with echo: true (scoring the prompt)")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise ValueError("prompt must not be empty")
         if len(self.prompts()) * self.n > 64:  # prompts, not tokens: a token-id prompt is one prompt
@@ -195,6 +211,10 @@ class CompletionRequest(_SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def prompt_logprobs(self) -> int | None:
+        """With echo, logprobs covers the prompt's tokens too (OpenAI's legacy scoring, lm-eval)."""
+        return self.logprobs if self.echo else None
 
 
 def new_id(prefix: str) -> str:

@@ -41,6 +41,7 @@ class RequestContext:
     limits: Limits = field(default_factory=Limits)
     model: str | None = None  # set once the body names one; logged
     fault: str | None = None  # only ever set when settings.fault_inject is on
+    recorded: bool = False  # the generation path records this request's metrics itself
 
 
 _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("slimserve_request", default=None)

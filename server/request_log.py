@@ -20,6 +20,15 @@ from server.request_context import FAULTS, Limits, RequestContext, enter, leave
 log = logging.getLogger("slimserve.request")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 FAULT_HEADER = b"x-slimserve-fault"
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def _count_refusal(scope, model: str | None, status: int) -> None:
+    """Requests refused before an engine saw them count in slimserve_requests_total too. An unknown
+    model name is counted under model="" (a client must not be able to mint label values)."""
+    state = getattr(getattr(scope.get("app"), "state", None), "slim", None)
+    if state is not None:
+        state.metrics.refused(*state.metric_labels(model), status)
 
 
 class RequestLog:
@@ -62,6 +71,8 @@ class RequestLog:
                 await send({"type": "http.response.body", "body": body})
         finally:
             leave(token)
+            if scope["path"] in GENERATION_PATHS and not ctx.recorded:
+                _count_refusal(scope, ctx.model, status)
             fields = {"request_id": ctx.request_id, "method": scope["method"], "path": scope["path"],
                       "status": status, "latency_ms": round((time.perf_counter() - started) * 1000, 2),
                       "model": ctx.model}

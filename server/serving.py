@@ -16,6 +16,7 @@ from fastapi import Request
 from server.engines.base import Chunk, Engine, GenerationRequest, RequestStats, TokenLogprob
 from server.errors import APIError, BadRequest
 from server.limits import admit
+from server.request_context import current
 from server.metrics import Metrics
 from server.protocol import new_id
 
@@ -29,10 +30,11 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logprobs: int | None,
-         adapter: str | None = None) -> list[GenerationRequest]:
+         adapter: str | None = None, prompt_logprobs: int | None = None) -> list[GenerationRequest]:
     """One GenerationRequest per prompt x n, each checked against the context length."""
     requested = body.requested_max_tokens()
     requests = []
@@ -40,7 +42,7 @@ def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logpro
         if not ids:
             raise BadRequest("prompt is empty after tokenization", param="prompt")
         room = engine.max_model_len - len(ids)
-        if room < 1 or (requested is not None and requested > room):
+        if room < (0 if requested == 0 else 1) or (requested is not None and requested > room):
             want = requested if requested is not None else 1
             raise BadRequest(
                 f"this model's maximum context length is {engine.max_model_len} tokens; the request has "
@@ -49,9 +51,12 @@ def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logpro
         for n_index in range(body.n):
             index = p_index * body.n + n_index
             stats = RequestStats(model=model_name, adapter=adapter or "", prompt_tokens=len(ids))
-            params = body.sampling(requested or room, logprobs, index)
-            requests.append(GenerationRequest(new_id("gen"), list(ids), params, stats, adapter))
+            params = body.sampling(requested if requested is not None else room, logprobs, index,
+                                   getattr(engine, "sampling_defaults", None), prompt_logprobs)
+            requests.append(GenerationRequest(new_id("gen"), list(ids), params, stats, adapter,
+                                              fault=current().fault))
     admit(engine, prompts, len(requests))  # prompt-token and waiting-queue bounds (429 + Retry-After)
+    current().recorded = True  # from here on run_all/stream_all record it (metrics.record)
     return requests
 
 
@@ -140,6 +145,8 @@ def _record(metrics: Metrics, requests: list[GenerationRequest], status: int) ->
 def _add(result: ChoiceResult, chunk: Chunk) -> None:
     result.text += chunk.text
     result.token_ids.extend(chunk.token_ids)
+    if chunk.prompt_logprobs:
+        result.prompt_logprobs = chunk.prompt_logprobs
     if chunk.logprobs:
         result.logprobs.extend(chunk.logprobs)
     if chunk.finish_reason:

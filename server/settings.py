@@ -37,6 +37,9 @@ class ServeSettings(BaseSettings):
     max_prefill_tokens: int = Field(8192, ge=16, description="padded prompt tokens admitted per prefill step")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     trust_remote_code: bool = False
+    generation_config: Literal["auto", "none"] = Field(
+        "auto", description="auto: the model folder's generation_config sampling values are the defaults of "
+                            "requests that leave them out (as vLLM); none: slimserve's own (temperature 1)")
     # vLLM engine options, passed through to vLLM's engine arguments
     quantization: str | None = Field(None, description="load-time int8 | int4 | nf4 | fp8 (GPU); vllm engine: "
                                                        "also its own names (gptq, awq, compressed-tensors ...)")

@@ -55,6 +55,17 @@ class AppState:
         raise NotFound(f"the model '{model}' does not exist; served models: {known or 'none'}", param="model",
                        code="model_not_found")
 
+    def metric_labels(self, model: str | None) -> tuple[str, str]:
+        """(model, adapter) labels for a request that named `model`; unknown names get ("", "")."""
+        if model is None:
+            return "", ""
+        if model in self.engines or (self.routing is not None and model in self.routing.model_ids()):
+            return model, ""
+        for base, registry in self.adapters.items():
+            if any(ref.name == model for ref in registry.list()):
+                return base, model
+        return "", ""
+
     def registry(self, base: str | None = None) -> AdapterRegistry:
         if base is None:
             if not self.adapters:

@@ -21,7 +21,7 @@ def _value(samples, name, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_move_after_requests(server, client):
+def test_metrics_move_after_requests(server, client, engine):
     before = _samples(server.base_url)
     client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                    temperature=0, extra_body={"ignore_eos": True})
@@ -39,8 +39,10 @@ def test_metrics_move_after_requests(server, client):
     for hist in ("slimserve_time_to_first_token_seconds", "slimserve_e2e_request_latency_seconds",
                  "slimserve_request_queue_time_seconds"):
         assert _value(after, hist + "_count", model=TINY) - _value(before, hist + "_count", model=TINY) == 2
-    assert _value(after, "slimserve_inter_token_latency_seconds_count", model=TINY) - \
-        _value(before, "slimserve_inter_token_latency_seconds_count", model=TINY) == 7
+    gaps = _value(after, "slimserve_inter_token_latency_seconds_count", model=TINY) - \
+        _value(before, "slimserve_inter_token_latency_seconds_count", model=TINY)
+    # one gap per output: vLLM may hand over two tokens in one output when the machine is busy
+    assert gaps == 7 if engine == "torch" else 5 <= gaps <= 7
     assert _value(after, "slimserve_process_resident_memory_bytes") > 10_000_000
     assert _value(after, "slimserve_model_weight_bytes", model=TINY) > 0
     assert ("slimserve_num_requests_running", (("model", TINY),)) in after
@@ -51,3 +53,23 @@ def test_health_and_ready(server):
     assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
     r = httpx.get(server.base_url + "/ready")
     assert r.status_code == 200 and r.json()["ready"] is True
+
+
+def test_refused_requests_count_by_status(server):
+    """400 (bad field), 404 (unknown model) and 413 (body too large) never reach an engine; they count too."""
+    before = _samples(server.base_url)
+    url = server.base_url + "/v1/chat/completions"
+    assert httpx.post(url, json={"model": TINY, "messages": [], "max_tokens": 1}).status_code == 400
+    assert httpx.post(url, json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+                      ).status_code == 404
+    assert httpx.post(server.base_url + "/v1/completions", content=b"x" * (5 << 20),
+                      headers={"content-type": "application/json"}).status_code == 413
+    after = _samples(server.base_url)
+
+    def moved(**labels) -> float:
+        return _value(after, "slimserve_requests_total", **labels) - _value(before, "slimserve_requests_total",
+                                                                            **labels)
+
+    assert moved(model=TINY, adapter="", status="400") == 1
+    assert moved(model="", adapter="", status="404") == 1  # an unknown name mints no label value
+    assert moved(model="", adapter="", status="413") == 1

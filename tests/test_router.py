@@ -83,8 +83,24 @@ def route(header: str) -> dict[str, str]:
 
 
 def test_models_lists_every_target_and_auto(client):
-    ids = {m.id for m in client.models.list().data}
+    cards = client.models.list().data
+    ids = {m.id for m in cards}
     assert {"teacher", "student", "far", "dead", "auto", "auto:rules", "auto:mid"} <= ids
+    # the router's own cards are slimserve's, whatever engine the last listed model has (was: "remote")
+    assert {m.owned_by for m in cards if m.id.startswith("auto")} == {"slimserve"}
+    assert {m.id: m.owned_by for m in cards}["far"] == "remote"
+
+
+def test_router_fallback_unhealthy_seconds_reaches_remote_engines(tmp_path):
+    from server.engines.factory import build_engines
+    from server.settings import load_settings
+
+    config = {"models": [{"name": "up", "engine": "remote", "base_url": "http://127.0.0.1:9/v1"}],
+              "router": {"default": "f", "policies": {"f": {"type": "fixed", "target": "up"}},
+                         "fallback": {"unhealthy_seconds": 3.5}}}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    engines = build_engines(load_settings(tmp_path / "serve.yaml"))
+    assert engines["up"].unhealthy_seconds == 3.5
 
 
 def test_fixed_policy_and_default(client):
@@ -171,7 +187,11 @@ def test_unknown_policy_is_404(client):
 
 
 def test_route_metrics(client, router_server):
+    # every series below comes from requests made here, so the test also passes when run alone
     chat(client, "auto:always_escalate")
+    chat(client, "auto:deadfirst")  # dead refused: far answers
+    with pytest.raises(openai.APIStatusError):
+        chat(client, "dead")  # a named remote that is down: 503
     text = httpx.get(f"{router_server.base_url}/metrics").text
     assert 'slimserve_route_decisions_total{policy="always_escalate",reason="escalated",target="teacher"}' in text
     assert 'slimserve_route_escalations_total{policy="always_escalate"}' in text

@@ -22,6 +22,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k (echo)
 
     @property
     def greedy(self) -> bool:
@@ -60,12 +62,13 @@ class GenerationRequest:
     params: SamplingParams
     stats: RequestStats
     adapter: str | None = None
+    fault: str | None = None  # tests only (settings.fault_inject): where the engine raises, see scheduler
 
 
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, which nothing predicts
     top: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -77,6 +80,7 @@ class Chunk:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # stop | length | abort
+    prompt_logprobs: list[TokenLogprob] | None = None  # first chunk only, when asked for: one per prompt token
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Engine(Protocol):
     model_id: str
     max_model_len: int
     weight_bytes: int
+    sampling_defaults: dict  # the model folder's generation_config sampling values, for fields a request omits
 
     def encode(self, prompt: str) -> list[int]: ...
 

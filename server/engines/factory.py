@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import Engine
+from server.engines.generation_defaults import sampling_defaults
 from server.errors import ConfigError
 from server.settings import ServeSettings
 
+
+log = logging.getLogger(__name__)
 
 # --quantization names that vLLM spells its own way; others (gptq, awq, ...) pass through unchanged
 VLLM_LOAD_TIME = {"int8": "int8_per_channel_weight_only", "fp8": "fp8", "int4": "bitsandbytes",
@@ -42,13 +46,21 @@ def build_engines(settings: ServeSettings) -> dict[str, Engine]:
         if entry.engine == "remote":
             from server.engines.remote import RemoteEngine
 
-            engines[entry.name] = RemoteEngine.from_entry(entry)
+            fallback = settings.router.fallback if settings.router is not None else None
+            engines[entry.name] = RemoteEngine.from_entry(
+                entry, unhealthy_seconds=fallback.unhealthy_seconds if fallback else 10.0)
             continue
         draft = None
         if entry.draft:  # another entry's model (or a folder) as the speculative draft
             source = by_name[entry.draft].model if entry.draft in by_name else entry.draft
             draft = resolve_model(source or settings.model, settings.cache_dir, f"models.{entry.name}.draft")
-        engines[entry.name] = _build_local(settings.for_entry(entry), draft, entry.num_speculative_tokens)
+        local = settings.for_entry(entry)
+        engine = _build_local(local, draft, entry.num_speculative_tokens)
+        engine.sampling_defaults = sampling_defaults(engine.source) if local.generation_config == "auto" else {}
+        if engine.sampling_defaults:
+            log.info("%s: requests that leave them out sample with the model's generation_config %s "
+                     "(generation_config: none turns this off)", entry.name, engine.sampling_defaults)
+        engines[entry.name] = engine
     return engines
 
 

@@ -59,6 +59,7 @@ class RemoteEngine:
         self.source = self.base_url
         self.upstream_model = upstream_model or name
         self.quantization = None
+        self.sampling_defaults: dict = {}  # the upstream applies its own
         self.weight_bytes = 0
         self.max_model_len = 0  # unknown here; the upstream checks its own context length
         self.unhealthy_seconds = unhealthy_seconds
@@ -69,12 +70,13 @@ class RemoteEngine:
         self._in_flight = 0
 
     @classmethod
-    def from_entry(cls, entry: ModelEntry) -> "RemoteEngine":
+    def from_entry(cls, entry: ModelEntry, unhealthy_seconds: float = 10.0) -> "RemoteEngine":
         key = os.environ.get(entry.api_key_env) if entry.api_key_env else None
         if entry.api_key_env and key is None:
             log.warning("model %s: environment variable %s is not set; calling upstream without a key",
                         entry.name, entry.api_key_env)
-        return cls(entry.name, entry.base_url, api_key=key, upstream_model=entry.upstream_model, timeout=entry.timeout)
+        return cls(entry.name, entry.base_url, api_key=key, upstream_model=entry.upstream_model, timeout=entry.timeout,
+                   unhealthy_seconds=unhealthy_seconds)
 
     # ---- lifecycle and health ------------------------------------------------------------------
     async def start(self) -> None:

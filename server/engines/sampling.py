@@ -60,6 +60,28 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def filter_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's best (vLLM's min_p); rows with
+    min_p 0 are unchanged. Returns renormalised probabilities."""
+    if not bool((min_p > 0).any()):
+        return probs
+    best = probs.max(dim=-1, keepdim=True).values
+    kept = probs.masked_fill(probs < min_p[:, None] * best, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def score_prompt(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Logprob of each prompt token after the first, from the logits at the position before it
+    ([len(prompt), vocab]), with the top k at that position: (logprob, [(token id, logprob)])."""
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    targets = torch.tensor(prompt_ids[1:], device=logp.device)
+    chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+    if k <= 0:
+        return [(c, []) for c in chosen]
+    vals, ids = torch.topk(logp, k, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), vals.tolist())]
+
+
 def pick_tokens(logits: torch.Tensor, rows: list[RowState], shared: torch.Generator) -> Picked:
     """Choose one token per row from float32 logits [batch, vocab]."""
     raw = logits
@@ -75,6 +97,8 @@ def pick_tokens(logits: torch.Tensor, rows: list[RowState], shared: torch.Genera
         top_k = torch.tensor([rows[i].params.top_k for i in sampled], device=logits.device)
         top_p = torch.tensor([rows[i].params.top_p for i in sampled], device=logits.device, dtype=sub.dtype)
         probs = torch.softmax(filter_top_k_top_p(sub, top_k, top_p), dim=-1)
+        min_p = torch.tensor([rows[i].params.min_p for i in sampled], device=logits.device, dtype=probs.dtype)
+        probs = filter_min_p(probs, min_p)
         for j, i in enumerate(sampled):
             gen = rows[i].generator or shared
             tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]

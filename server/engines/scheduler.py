@@ -21,7 +21,7 @@ import torch
 from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.detokenize import IncrementalDetokenizer, StopStrings
 from server.engines.kv_cache import BatchCache, merge
-from server.engines.sampling import Picked, RowState, pick_tokens
+from server.engines.sampling import Picked, RowState, pick_tokens, score_prompt
 from server.errors import EngineError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Sequence:
     extra_stop_ids: set[int] = field(default_factory=set)
     slot: int | None = None  # LoRA slot, held from submit to finish
     fault: str | None = None  # tests only (settings.fault_inject): where to raise, see _inject
+    prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
 
     @property
     def position(self) -> int:
@@ -78,7 +79,7 @@ class BatchScheduler:
         self.aborted = 0  # sequences stopped early because their client went away
 
     # ---- called from the event loop -------------------------------------------------------------
-    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None, fault: str | None = None) -> None:
+    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None) -> None:
         gen = None
         if req.params.seed is not None:
             gen = torch.Generator(device="cpu")
@@ -88,7 +89,7 @@ class BatchScheduler:
             row=RowState(req.params, gen, [], list(req.prompt_token_ids)),
             detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStrings(req.params.stop),
-            extra_stop_ids=set(req.params.stop_token_ids), slot=slot, fault=fault,
+            extra_stop_ids=set(req.params.stop_token_ids), slot=slot, fault=req.fault,
         )
         with self._cond:
             if self._thread is not None and not self._thread.is_alive():
@@ -202,6 +203,12 @@ class BatchScheduler:
         return new
 
     def _prefill(self, new: list[Sequence]) -> None:
+        alone = [s for s in new if _scores_prompt(s)]
+        if alone and len(new) > 1:  # prompt scoring needs every position's logits: those rows go one by one
+            rest = [s for s in new if not _scores_prompt(s)]
+            for group in ([rest] if rest else []) + [[s] for s in alone]:
+                self._prefill(group)
+            return
         lengths = [len(s.row.prompt_ids) for s in new]
         width = max(lengths)
         ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
@@ -216,7 +223,7 @@ class BatchScheduler:
             self._route_adapters(new)
             out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                              position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
+                             logits_to_keep=0 if alone else 1)
         except Exception as exc:
             if len(new) == 1:
                 log.exception("prefill of %s failed", new[0].req.request_id)
@@ -226,10 +233,26 @@ class BatchScheduler:
                 for seq in new:
                     self._prefill([seq])
             return
+        if alone:
+            seq = new[0]
+            self._score_prompt(seq, out.logits[0])
+            if seq.req.params.max_tokens == 0:  # echo with max_tokens 0: score the prompt, generate nothing
+                self._finish(seq, Chunk("", [], finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
+                return
         picked = self._pick(out.logits[:, -1, :].float(), new)
         self._cache, self._mask = merge(self._cache, self._mask, cache, mask.to(self.device))
         self._rows.extend(new)
         self._accept(new, picked)
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        k = seq.req.params.prompt_logprobs
+        if k is None:
+            return
+        ids = seq.row.prompt_ids
+        dec = self.tokenizer.decode
+        seq.prompt_logprobs = [TokenLogprob(dec([ids[0]]), None)] + [
+            TokenLogprob(dec([token]), value, [(dec([t]), v) for t, v in top])
+            for token, (value, top) in zip(ids[1:], score_prompt(logits, ids, k))]
 
     def _decode(self) -> None:
         rows = self._rows
@@ -309,7 +332,9 @@ class BatchScheduler:
             seq.detok.finish()
             text += seq.stops.flush(seq.detok.text)
         seq.req.stats.token_emitted(now)
-        chunk = Chunk(text, [token], self._logprobs(token, lp) if lp is not None else None, finish)
+        chunk = Chunk(text, [token], self._logprobs(token, lp) if lp is not None else None, finish,
+                      prompt_logprobs=seq.prompt_logprobs)
+        seq.prompt_logprobs = None
         if finish is not None:
             self._finish(seq, chunk)
         else:
@@ -374,6 +399,11 @@ class BatchScheduler:
         self._rows = [s for s in self._rows if id(s) not in failed]
         if not self._rows:
             self._cache, self._mask = None, None
+
+
+def _scores_prompt(seq: Sequence) -> bool:
+    p = seq.req.params
+    return p.prompt_logprobs is not None or p.max_tokens == 0
 
 
 class _InjectedDeath(BaseException):

@@ -20,7 +20,6 @@ from server.engines.lora import LoRAManager
 from server.engines.scheduler import BatchScheduler
 from server.engines.tokenizing import HFTokenizing
 from server.errors import APIError, ConfigError, EngineError, NotFound
-from server.request_context import current
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,7 @@ class TorchEngine(HFTokenizing):
         self.model_id = model_id
         self.source = source
         self.quantization = quantization
+        self.sampling_defaults: dict = {}  # set by the factory from the folder's generation_config
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -139,8 +139,7 @@ class TorchEngine(HFTokenizing):
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
         try:
-            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot,
-                                   fault=current().fault)
+            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot)
         except BaseException:
             if slot is not None:
                 self.adapter_slots.release(slot)

@@ -89,6 +89,7 @@ class VLLMEngine(HFTokenizing):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.source = source
+        self.sampling_defaults: dict = {}  # set by the factory from the folder's generation_config
         self.weight_bytes = weight_bytes
         self._stats = stats
         self._ids = itertools.count(1)
@@ -144,28 +145,39 @@ class VLLMEngine(HFTokenizing):
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
             lora = self._lora_requests[slot]
+        score_only = p.max_tokens == 0  # echo with max_tokens 0: vLLM generates one token, which is dropped
         sampling = SamplingParams(
-            n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+            n=1, max_tokens=max(1, p.max_tokens), temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+            min_p=p.min_p, seed=p.seed, prompt_logprobs=p.prompt_logprobs,
             stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
             logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
         )
         stats = request.stats
         finished = False
+        prompt_lp = None
         try:
             stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), sampling,
                                        request.request_id, lora_request=lora)
             async for out in stream:
                 if stats.scheduled is None:
                     stats.scheduled = time.perf_counter()
+                if getattr(out, "prompt_logprobs", None) and prompt_lp is None:
+                    prompt_lp = self._prompt_logprobs(request.prompt_token_ids, out.prompt_logprobs, p.prompt_logprobs or 0)
                 completion = out.outputs[0]
                 now = time.perf_counter()
+                if score_only:
+                    stats.finish_reason, stats.finished, finished = "length", now, out.finished
+                    yield Chunk("", [], finish_reason="length", prompt_logprobs=prompt_lp)
+                    return  # an unfinished request is aborted below, not counted as a client abort
                 if completion.token_ids:
                     stats.token_emitted(now, len(completion.token_ids))
                 finish = _finish_reason(completion.finish_reason) if out.finished else None
                 if finish:
                     stats.finish_reason, stats.finished, finished = finish, now, True
-                yield Chunk(completion.text, list(completion.token_ids), self._logprobs(completion), finish)
+                yield Chunk(completion.text, list(completion.token_ids), self._logprobs(completion), finish,
+                            prompt_logprobs=prompt_lp)
+                prompt_lp = None
                 if finished:
                     return
         except asyncio.CancelledError:
@@ -177,7 +189,7 @@ class VLLMEngine(HFTokenizing):
             raise EngineError(f"generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
             if not finished:
-                self.aborted += 1
+                self.aborted += 0 if score_only else 1
                 await _shielded(self.llm.abort(request.request_id))
             if slot is not None:
                 self.adapter_slots.release(slot)
@@ -190,6 +202,19 @@ class VLLMEngine(HFTokenizing):
             chosen = by_id.get(token_id)
             top = sorted(((lp.rank, tid, lp) for tid, lp in by_id.items() if lp.rank is not None and lp.rank > 0))
             decode = self.tokenizer.decode
+            items.append(TokenLogprob(decode([token_id]), float(chosen.logprob) if chosen else float("nan"),
+                                      [(decode([tid]), float(lp.logprob)) for _, tid, lp in top]))
+        return items
+
+    def _prompt_logprobs(self, prompt_ids: list[int], by_position, k: int) -> list[TokenLogprob]:
+        """vLLM's prompt_logprobs (None first, then {token id: Logprob} holding the prompt token and
+        the top k by rank) as one TokenLogprob per prompt token."""
+        decode = self.tokenizer.decode
+        items = [TokenLogprob(decode([prompt_ids[0]]), None)]
+        for token_id, by_id in zip(prompt_ids[1:], list(by_position)[1:]):
+            chosen = (by_id or {}).get(token_id)
+            top = sorted((lp.rank, tid, lp) for tid, lp in (by_id or {}).items()
+                         if lp.rank is not None and 1 <= lp.rank <= k)
             items.append(TokenLogprob(decode([token_id]), float(chosen.logprob) if chosen else float("nan"),
                                       [(decode([tid]), float(lp.logprob)) for _, tid, lp in top]))
         return items

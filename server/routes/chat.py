@@ -63,14 +63,16 @@ async def _stream(engine, requests, body: ChatCompletionRequest, rid: str, creat
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": choices, **extra}
 
-    for i in range(len(requests)):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+    started = [False] * len(requests)
     generated = 0
     async for i, c in stream_all(engine, requests, state.metrics):
         generated += len(c.token_ids)
-        if c.text or c.finish_reason or (body.logprobs and c.logprobs):
-            delta = {"content": c.text} if c.text else {}
+        # The role goes out with a choice's first output, as vLLM does: a client timing the first chunk
+        # (vLLM's bench, TTFT dashboards) measures the first token, not the time to accept the request.
+        first = not started[i]
+        started[i] = True
+        if first or c.text or c.finish_reason or (body.logprobs and c.logprobs):
+            delta = {"role": "assistant", "content": c.text} if first else {"content": c.text} if c.text else {}
             yield chunk([{"index": i, "delta": delta,
                           "logprobs": _logprobs(c.logprobs) if body.logprobs and c.logprobs else None,
                           "finish_reason": c.finish_reason}])

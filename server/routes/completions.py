@@ -31,7 +31,7 @@ async def _plan(target, body: CompletionRequest):
         else:
             require(all(0 <= t < 2**31 for t in p), "token ids must be non-negative integers", "prompt")
             prompts.append(list(p))
-    requests = plan(engine, prompts, body, target.base, body.logprobs, target.adapter)
+    requests = plan(engine, prompts, body, target.base, body.logprobs, target.adapter, body.prompt_logprobs())
     echoes = [engine.decode(p) if body.echo else "" for p in prompts]
     return prompts, requests, echoes
 
@@ -45,7 +45,7 @@ async def complete_local(target, body: CompletionRequest, http: Request, state, 
         choices.append({
             "index": i,
             "text": prefix + r.text,
-            "logprobs": _logprobs(r.logprobs, len(prefix)) if body.logprobs is not None else None,
+            "logprobs": _logprobs(r.prompt_logprobs or [], r.logprobs, 0) if body.logprobs is not None else None,
             "finish_reason": r.finish_reason,
         })
     return {
@@ -71,15 +71,18 @@ async def _stream(engine, requests, body: CompletionRequest, echoes: list[str], 
                 "choices": choices, **extra}
 
     offsets = [0] * len(requests)
-    if body.echo:
-        for i in range(len(requests)):
-            offsets[i] = len(echoes[i // body.n])
-            yield chunk([{"index": i, "text": echoes[i // body.n], "logprobs": None, "finish_reason": None}])
+    echoed = [not body.echo] * len(requests)
     generated = 0
     async for i, c in stream_all(engine, requests, state.metrics):
+        if not echoed[i]:  # the echo goes out with the choice's first output, with the prompt's logprobs
+            echoed[i] = True
+            echo = echoes[i // body.n]
+            lp = _logprobs(c.prompt_logprobs, [], 0) if body.logprobs is not None and c.prompt_logprobs else None
+            offsets[i] = len(echo)
+            yield chunk([{"index": i, "text": echo, "logprobs": lp, "finish_reason": None}])
         generated += len(c.token_ids)
         if c.text or c.finish_reason or (body.logprobs is not None and c.logprobs):
-            lp = _logprobs(c.logprobs, offsets[i]) if body.logprobs is not None and c.logprobs else None
+            lp = _logprobs([], c.logprobs, offsets[i]) if body.logprobs is not None and c.logprobs else None
             offsets[i] += len(c.text)
             yield chunk([{"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}])
     if body.stream_options and body.stream_options.include_usage:
@@ -87,14 +90,18 @@ async def _stream(engine, requests, body: CompletionRequest, echoes: list[str], 
         yield chunk([], usage=usage(prompt_tokens, generated))
 
 
-def _logprobs(items: list[TokenLogprob], start: int) -> dict:
+def _logprobs(prompt: list[TokenLogprob], generated: list[TokenLogprob], start: int) -> dict:
+    """OpenAI's completions logprobs. Echoed prompt tokens come first (the first one `null`, nothing
+    predicts it), their top entries including the prompt token itself, as vLLM and OpenAI give them."""
+    items = [*prompt, *generated]
     offsets, pos = [], start
     for t in items:
         offsets.append(pos)
         pos += len(t.token)
+    tops = [None if t.logprob is None else {**dict(t.top), t.token: t.logprob} for t in prompt]
     return {
         "tokens": [t.token for t in items],
         "token_logprobs": [t.logprob for t in items],
-        "top_logprobs": [dict(t.top) for t in items],
+        "top_logprobs": tops + [dict(t.top) for t in generated],
         "text_offset": offsets,
     }

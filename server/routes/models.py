@@ -20,8 +20,7 @@ def _cards(state) -> list[dict]:
                       "quantization": getattr(engine, "quantization", None), "weight_bytes": engine.weight_bytes})
     if state.routing is not None:
         for model_id in state.routing.model_ids():
-            cards.append({"id": model_id, "object": "model", "created": state.created,
-                      "owned_by": "remote" if getattr(engine, "base_url", None) else "slimserve",
+            cards.append({"id": model_id, "object": "model", "created": state.created, "owned_by": "slimserve",
                           "root": "router", "parent": None, "policy": state.routing.policy(model_id)[0]})
     for registry in state.adapters.values():
         for ref in registry.list():
