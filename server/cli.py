@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from server import cli_compress
+from server import env_report
 from server.bench import command as bench_command
 from server.errors import ConfigError
 
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     _adapters_parser(sub)
     cli_compress.add_parser(sub)
     bench_command.add_parser(sub)
+    env_report.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli_compress.run(args)
         if args.command == "bench":
             return bench_command.run(args)
+        if args.command == "env":
+            return env_report.run(args)
     except ConfigError as exc:
         print(f"slimserve: {exc}", file=sys.stderr)
         return 2
