@@ -163,8 +163,8 @@ def sweep(scores: np.ndarray) -> np.ndarray:
 
 
 def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
-    from server.router.features import featurizer
-    from server.router.learned import LearnedRouter, fit
+    from compress.router_features import featurizer
+    from compress.router_model import LearnedRouter, fit
 
     started = time.time()
     prompts = prompts_of(cfg.prompts)

@@ -12,7 +12,7 @@ import contextvars
 import uuid
 from dataclasses import dataclass, field
 
-FAULTS = ("sample", "detokenize", "prefill", "step", "kill")  # see server/engines/scheduler.py
+FAULTS = ("sample", "detokenize", "prefill", "step", "kill")  # see server/engines/torch/scheduler.py
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class GenerationRequest:
     params: SamplingParams
     stats: RequestStats
     adapter: str | None = None
+    adapter_slot: int | None = None  # the slot the dispatch layer holds for the request's life (else: by name)
     fault: str | None = None  # tests only (settings.fault_inject): where the engine raises, see scheduler
 
 
@@ -97,7 +98,17 @@ class EngineStats:
     waiting_adapters: int = 0
 
 
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do, asked instead of its class: the layers above never import engine classes."""
+
+    local: bool  # generates from token ids here (else: whole OpenAI requests go to an upstream)
+    adapters: bool  # serves LoRA adapters (has adapter slots and install/uninstall)
+    tokenizer: bool  # encode / decode / render_chat work here
+
+
 class Engine(Protocol):
+    capabilities: EngineCapabilities
     model_id: str
     max_model_len: int
     weight_bytes: int

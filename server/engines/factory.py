@@ -84,7 +84,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
     vllm_only = {k for k in settings.vllm_options() if k != "quantization"}
     if vllm_only:
         raise ConfigError(sorted(vllm_only)[0], "this setting applies to the vllm engine only")
-    from server.engines.torch_engine import TorchEngine
+    from server.engines.torch.engine import TorchEngine
 
     engine = TorchEngine.load(
         settings.model_id, path, dtype=settings.dtype, device=settings.device,

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from server.engines.adapter_slots import AdapterSlots
-from server.engines.base import Chunk, EngineStats, GenerationRequest, TokenLogprob
+from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest, TokenLogprob
 from server.engines.tokenizing import HFTokenizing
-from server.errors import ConfigError, EngineError, Forbidden, NotFound
+from server.errors import ConfigError, EngineError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def engine_args(path: str, *, dtype: str, max_model_len: int | None, max_num_seq
 
 
 class VLLMEngine(HFTokenizing):
+    capabilities = EngineCapabilities(local=True, adapters=True, tokenizer=True)
     def __init__(self, model_id: str, llm, tokenizer, *, max_model_len: int, source: str, weight_bytes: int,
                  stats: _Stats):
         self.model_id = model_id
@@ -127,7 +128,8 @@ class VLLMEngine(HFTokenizing):
         engine = cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
                      source=str(path), weight_bytes=weight_bytes, stats=stats)
         engine.quantization = llm.model_config.quantization
-        engine.lora_enabled = enable_lora
+        # vLLM's LoRA layers exist only when asked for; without them this engine serves no adapters
+        engine.capabilities = EngineCapabilities(local=True, adapters=enable_lora, tokenizer=True)
         engine.vocab_size = llm.model_config.get_vocab_size()  # larger prompt ids are refused (limits.admit)
         return engine
 
@@ -141,7 +143,7 @@ class VLLMEngine(HFTokenizing):
         lora = None
         slot = None
         if request.adapter:
-            slot = self.adapter_slots.acquire(request.adapter)
+            slot = self.adapter_slots.take(request.adapter, request.adapter_slot)
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
             lora = self._lora_requests[slot]
@@ -231,9 +233,6 @@ class VLLMEngine(HFTokenizing):
 
         from adapters.loader import check_finite
 
-        if not getattr(self, "lora_enabled", True):
-            raise Forbidden("this vLLM engine was started without LoRA; start it with --adapter-root, --lora or "
-                            "--admin-key to serve adapters")
         await asyncio.to_thread(check_finite, weights)  # vLLM runs in other processes: no thread concern here
         self._loop = asyncio.get_running_loop()
         lora_id = next(self._ids)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from compress.router_calibration import (CalibrationConfig, answer, calibrate, curve, prompts_of, rouge_l, sweep,
                                          teacher_answers)
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
-from server.router.features import featurizer
-from server.router.learned import LearnedRouter
+from compress.router_features import featurizer
+from compress.router_model import LearnedRouter
 
 FIGURES = Path(__file__).parent / "figures"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from server.engines.base import Chunk, GenerationRequest, SamplingParams
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.torch.detokenize import IncrementalDetokenizer, StopStrings
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engines.base import Chunk, GenerationRequest, TokenLogprob
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
-from server.engines.kv_cache import BatchCache, merge
-from server.engines.sampling import Picked, RowState, pick_tokens, score_prompt
+from server.engines.torch.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.torch.kv_cache import BatchCache, merge
+from server.engines.torch.sampling import Picked, RowState, pick_tokens, score_prompt
 from server.errors import EngineError, Overloaded
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from adapters.loader import check_finite
-from server.engines.base import Chunk, EngineStats, GenerationRequest
+from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest
 from server.engines.adapter_slots import AdapterSlots
-from server.engines.lora import LoRAManager
-from server.engines.scheduler import BatchScheduler
+from server.engines.torch.lora import LoRAManager
+from server.engines.torch.scheduler import BatchScheduler
 from server.engines.tokenizing import HFTokenizing
 from server.errors import APIError, ConfigError, EngineError, NotFound
 
@@ -48,6 +48,7 @@ def pick_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
 
 
 class TorchEngine(HFTokenizing):
+    capabilities = EngineCapabilities(local=True, adapters=True, tokenizer=True)
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None):
         from compress.load_time import weight_bytes
@@ -120,7 +121,7 @@ class TorchEngine(HFTokenizing):
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method)
 
     def attach_draft(self, path: str, num_tokens: int) -> None:
-        from server.engines.speculative import SpeculativeDecoder, load_draft
+        from server.engines.torch.speculative import SpeculativeDecoder, load_draft
 
         draft = load_draft(path, self.model, self.tokenizer, _param_dtype(self.model), self.device)
         self.speculative = SpeculativeDecoder(self.model, draft, self.tokenizer, self.eos_ids, num_tokens, self.device)
@@ -135,7 +136,7 @@ class TorchEngine(HFTokenizing):
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         slot = None
         if request.adapter:
-            slot = self.adapter_slots.acquire(request.adapter)
+            slot = self.adapter_slots.take(request.adapter, request.adapter_slot)
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
         try:
@@ -164,7 +165,7 @@ class TorchEngine(HFTokenizing):
         return await asyncio.wrap_future(self._scheduler.call(fn))
 
     def _speculate(self, request: GenerationRequest) -> bool:
-        from server.engines.speculative import eligible
+        from server.engines.torch.speculative import eligible
 
         running, waiting, _ = self._scheduler.counts()
         return running == 0 and waiting == 0 and eligible(request.params, request.adapter)
