@@ -226,7 +226,7 @@ class TorchEngine(HFTokenizing):
 
     def stats(self) -> EngineStats:
         running, waiting, kv = self._scheduler.counts()
-        budget = self._scheduler.max_num_seqs * self.max_model_len
+        budget = self._scheduler.max_num_seqs * self.max_model_len  # KV rows x context
         return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, kv_cache_usage=min(1.0, kv / budget),
                            aborted=self._scheduler.aborted,
                            running_adapters=self._scheduler.running_with_adapters())
