@@ -66,6 +66,9 @@ def _validation_message(exc) -> tuple[str, str | None]:
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "), None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    cause = first.get("ctx", {}).get("error")
+    if getattr(cause, "field", None):  # protocol.StrictFieldError: the unknown field is the param
+        param = cause.field
     msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "missing":
         msg = "field required"

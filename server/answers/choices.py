@@ -34,8 +34,8 @@ class ChoiceResult:
 
 
 def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logprobs: int | None,
-         adapter: str | None = None, prompt_logprobs: int | None = None, adapter_slot: int | None = None
-         ) -> list[GenerationRequest]:
+         adapter: str | None = None, prompt_logprobs: int | None = None, adapter_slot: int | None = None,
+         guide=None) -> list[GenerationRequest]:
     """One GenerationRequest per prompt x n, each checked against the context length."""
     requested = body.requested_max_tokens()
     requests = []
@@ -53,7 +53,7 @@ def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logpro
             index = p_index * body.n + n_index
             stats = RequestStats(model=model_name, adapter=adapter or "", prompt_tokens=len(ids))
             params = body.sampling(requested if requested is not None else room, logprobs, index,
-                                   getattr(engine, "sampling_defaults", None), prompt_logprobs)
+                                   getattr(engine, "sampling_defaults", None), prompt_logprobs, guide)
             requests.append(GenerationRequest(new_id("gen"), list(ids), params, stats, adapter, adapter_slot,
                                               fault=current().fault))
     admit(engine, prompts, len(requests))  # prompt-token and waiting-queue bounds (429 + Retry-After)

@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+@dataclass(frozen=True)
+class Guide:
+    """Constrained decoding: every output token keeps the text a prefix of a match. One of the two."""
+
+    json_schema: str | None = None  # the schema as canonical JSON text (hashable: compiled grammars are cached)
+    json_object: bool = False  # any JSON object
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -23,6 +31,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    guide: Guide | None = None
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k (echo)
 
     @property

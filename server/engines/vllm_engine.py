@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engines.adapter_slots import AdapterSlots
+from server.engines.guided import grammar_text
 from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest, TokenLogprob
 from server.engines.tokenizing import HFTokenizing
 from server.errors import ConfigError, EngineError, NotFound
@@ -137,7 +138,7 @@ class VLLMEngine(HFTokenizing):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         p = request.params
         lora = None
@@ -150,7 +151,9 @@ class VLLMEngine(HFTokenizing):
         score_only = p.max_tokens == 0  # echo with max_tokens 0: vLLM generates one token, which is dropped
         sampling = SamplingParams(
             n=1, max_tokens=max(1, p.max_tokens), temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            min_p=p.min_p, seed=p.seed, prompt_logprobs=p.prompt_logprobs,
+            min_p=p.min_p, seed=p.seed, prompt_logprobs=p.prompt_logprobs, logit_bias=p.logit_bias,
+            # the same grammar text the PyTorch engine compiles (engines/guided.py), for vLLM's xgrammar backend
+            structured_outputs=None if p.guide is None else StructuredOutputsParams(grammar=grammar_text(p.guide)),
             stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
             logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,

@@ -14,4 +14,4 @@ router = APIRouter(dependencies=[ClientAuth])
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    return reply(await dispatch.answer(state, call_of("chat", body, request)))
+    return reply(await dispatch.answer(state, call_of("chat", body, request)), body)

@@ -14,4 +14,4 @@ router = APIRouter(dependencies=[ClientAuth])
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State):
-    return reply(await dispatch.answer(state, call_of("completions", body, request)))
+    return reply(await dispatch.answer(state, call_of("completions", body, request)), body)

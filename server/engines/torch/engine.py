@@ -69,6 +69,7 @@ class TorchEngine(HFTokenizing):
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self.speculative = None  # SpeculativeDecoder, when a draft model is attached
+        self._grammar_compiler = None  # engines/guided.Grammars, made at the first constrained request
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
         self.lora = LoRAManager(model, dtype=_param_dtype(model))
         self.adapter_slots = AdapterSlots(free=self.lora.remove)
@@ -135,12 +136,16 @@ class TorchEngine(HFTokenizing):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         slot = None
+        matcher = None
+        if request.params.guide is not None:  # compiled off the event loop; xgrammar caches the grammar
+            matcher = await asyncio.to_thread(self._grammars().matcher, request.params.guide)
         if request.adapter:
             slot = self.adapter_slots.take(request.adapter, request.adapter_slot)
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
         try:
-            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot)
+            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot,
+                                   matcher)
         except BaseException:
             if slot is not None:
                 self.adapter_slots.release(slot)
@@ -159,6 +164,14 @@ class TorchEngine(HFTokenizing):
         finally:
             if not finished:  # the consumer went away (client disconnect): stop generating
                 self._scheduler.abort(request.request_id)
+
+    def _grammars(self):
+        if self._grammar_compiler is None:
+            from server.engines.guided import Grammars
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._grammar_compiler = Grammars(self.tokenizer, vocab, self.eos_ids)
+        return self._grammar_compiler
 
     async def run_job(self, fn):
         """Run other torch work (e.g. the learned router's embeddings) on this engine's thread."""

@@ -70,12 +70,12 @@ class BatchScheduler:
         self.aborted = 0  # sequences stopped early because their client went away
 
     # ---- called from the event loop -------------------------------------------------------------
-    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None) -> None:
+    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None, matcher=None) -> None:
         gen = None
         if req.params.seed is not None:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(req.params.seed)
-        seq = Sequence(req=req, emit=emit, row=RowState(req.params, gen, [], list(req.prompt_token_ids)),
+        seq = Sequence(req=req, emit=emit, row=RowState(req.params, gen, [], list(req.prompt_token_ids), matcher),
                        acceptor=TokenAcceptor(self.tokenizer, req.params, self.eos_ids, len(req.prompt_token_ids),
                                               self.max_model_len), slot=slot)
         if self._thread is not None and not self._thread.is_alive():
@@ -253,7 +253,12 @@ class BatchScheduler:
     def _accept_one(self, seq: Sequence, token: int, lp, now: float) -> None:
         seq.row.output_ids.append(token)
         self._inject([seq], "detokenize")
+        matcher = seq.row.matcher
+        if matcher is not None and not matcher.accept_token(token):
+            raise RuntimeError(f"token {token} is outside the request's grammar")
         text, finish = seq.acceptor.accept(token)
+        if finish is None and matcher is not None and matcher.is_terminated():  # the grammar is complete
+            finish, text = "stop", text + seq.acceptor.flush()
         seq.req.stats.token_emitted(now)
         chunk = Chunk(text, [token], self._logprobs(token, lp) if lp is not None else None, finish,
                       prompt_logprobs=seq.prompt_logprobs)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def eligible(params: SamplingParams, adapter: str | None) -> bool:
     """What assisted generation reproduces exactly: greedy, no adapter, no logprobs or penalties."""
     return (params.greedy and adapter is None and params.logprobs is None and params.prompt_logprobs is None
-            and params.max_tokens > 0 and not params.ignore_eos
+            and params.max_tokens > 0 and not params.ignore_eos and params.guide is None and not params.logit_bias
             and params.presence_penalty == 0 and params.frequency_penalty == 0 and params.repetition_penalty == 1)
 
 
