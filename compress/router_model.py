@@ -15,11 +15,11 @@ from compress.router_features import featurizer
 ROUTER_FILE = "router.json"
 
 
-@dataclass
 class RouterModelError(ValueError):
     """A learned-router folder that cannot be read."""
 
 
+@dataclass
 class LearnedRouter:
     features: str
     weights: np.ndarray
