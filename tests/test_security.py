@@ -49,6 +49,8 @@ def test_remote_code_is_off_unless_enabled(tiny_model_dir, monkeypatch):
 
 
 def test_remote_code_is_per_model(tiny_model_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     from server.engines import factory
     from server.engines.torch.engine import TorchEngine
 
@@ -59,7 +61,7 @@ def test_remote_code_is_per_model(tiny_model_dir, tmp_path, monkeypatch):
 
     def fake_load(cls, model_id, path, **kwargs):
         seen[model_id] = kwargs["trust_remote_code"]
-        return object()
+        return SimpleNamespace()  # a stand-in engine: the factory sets attributes on it
 
     monkeypatch.setattr(TorchEngine, "load", classmethod(fake_load))
     factory.build_engines(load_settings(config))

@@ -56,7 +56,8 @@ def build_engines(settings: ServeSettings) -> dict[str, Engine]:
             draft = resolve_model(source or settings.model, settings.cache_dir, f"models.{entry.name}.draft")
         local = settings.for_entry(entry)
         engine = _build_local(local, draft, entry.num_speculative_tokens)
-        engine.sampling_defaults = sampling_defaults(engine.source) if local.generation_config == "auto" else {}
+        auto = local.generation_config == "auto"
+        engine.sampling_defaults = sampling_defaults(resolve_model_path(local)) if auto else {}
         if engine.sampling_defaults:
             log.info("%s: requests that leave them out sample with the model's generation_config %s "
                      "(generation_config: none turns this off)", entry.name, engine.sampling_defaults)
