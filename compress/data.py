@@ -53,6 +53,23 @@ def read_records(path: Path) -> list[dict]:
     return [{"text": p} for p in passages]
 
 
+def last_turn(messages: list[dict], role: str):
+    """The content of the last `role` message of a conversation; None where it has none."""
+    said = [m["content"] for m in messages if m.get("role") == role]
+    return said[-1] if said else None
+
+
+def prompt_of(row: dict) -> str:
+    """What a JSONL row asks: its `prompt`, else the last user turn of its `messages` ("" with none),
+    else its `text`."""
+    if "prompt" in row:
+        return str(row["prompt"])
+    if "messages" in row:
+        user = last_turn(row["messages"], "user")
+        return "" if user is None else user
+    return str(row.get("text", ""))
+
+
 def tokenize(rows: list[dict], tokenizer, seq_len: int) -> list[Example]:
     eos = tokenizer.eos_token_id
     out: list[Example] = []

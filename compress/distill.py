@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compress.data import IGNORE, pad_batches, read_records, tokenize
+from compress.data import IGNORE, pad_batches, prompt_of, read_records, tokenize
 from compress.distill_losses import distill_loss, topk_distill_loss
+from compress.greedy import greedy_answers, load_generator
 from compress.manifest import file_hash, write_manifest
 
 
@@ -57,31 +58,14 @@ def check_pair(teacher_tok, student_tok) -> None:
 
 def generate_dataset(teacher: Path, prompts: Path, out: Path, max_new_tokens: int = 128, batch_size: int = 8) -> Path:
     """The teacher answers each prompt (greedy); rows are appended to `out` so a rerun resumes."""
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(teacher)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype="auto").eval()
-    rows = read_records(prompts)
-    questions = [r.get("prompt") or (r["messages"][0]["content"] if "messages" in r else r.get("text", ""))
-                 for r in rows]
+    model, tok = load_generator(teacher, dtype="auto")
+    questions = [prompt_of(r) for r in read_records(prompts)]
     done = len(out.read_text().splitlines()) if out.exists() else 0
     with out.open("a") as f:
-        for i in tqdm(range(done, len(questions), batch_size), desc="teacher answers", unit="batch"):
-            batch = questions[i:i + batch_size]
-            texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True) if tok.chat_template else q for q in batch]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            for q, ids in zip(batch, gen[:, enc["input_ids"].shape[1]:]):
-                answer = tok.decode(ids, skip_special_tokens=True)
-                f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                                 {"role": "assistant", "content": answer}],
-                                    "teacher": str(teacher)}) + "\n")
+        answers = greedy_answers(model, tok, questions, max_new_tokens, batch_size, skip=done, desc="teacher answers")
+        for a, q in zip(answers, questions[done:]):
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a.text}],
+                                "teacher": str(teacher)}) + "\n")
     return out
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.data import read_records
+from compress.data import last_turn, prompt_of, read_records
+from compress.greedy import greedy_answers, load_generator
 from compress.manifest import file_hash
 
 SWEEP = 41  # thresholds per curve
@@ -50,49 +51,16 @@ class Answer:
 
 
 def prompts_of(path: Path) -> list[str]:
-    out = []
-    for row in read_records(path):
-        if "prompt" in row:
-            out.append(str(row["prompt"]))
-        elif "messages" in row:
-            users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
-            out.append(users[-1] if users else "")
-        else:
-            out.append(str(row.get("text", "")))
-    return [p for p in out if p.strip()]
+    return [p for p in map(prompt_of, read_records(path)) if p.strip()]
 
 
-@torch.inference_mode()
 def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: int, desc: str,
            dtype: torch.dtype = torch.float32) -> list[Answer]:
     """Greedy chat answers with the logprob of each chosen token (what a cascade reads). fp32 by default:
     on CPUs without fast bf16 kernels for every op, bf16 generation is several times slower."""
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-    eos = tok.eos_token_id
-    out: list[Answer] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        batch = prompts[i:i + batch_size]
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 if tok.chat_template else p for p in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
-                             temperature=None, top_p=None, top_k=None)
-        new = gen.sequences[:, enc["input_ids"].shape[1]:]
-        logprobs = torch.stack(gen.logits, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        for row in range(len(batch)):
-            ids = new[row].tolist()
-            end = ids.index(eos) + 1 if eos in ids else len(ids)  # the EOS token's own logprob counts
-            lp = logprobs[row, :end].tolist() or [0.0]
-            out.append(Answer(tok.decode(ids[:end], skip_special_tokens=True).strip(), sum(lp) / len(lp), min(lp)))
-    return out
+    model, tok = load_generator(model_path, dtype)
+    return [Answer(a.text.strip(), a.mean_logprob, a.min_logprob)
+            for a in greedy_answers(model, tok, prompts, max_tokens, batch_size, desc=desc, logprobs=True)]
 
 
 def known_answers(path: Path) -> dict[str, str]:
@@ -100,10 +68,9 @@ def known_answers(path: Path) -> dict[str, str]:
     out = {}
     for row in read_records(path):
         msgs = row.get("messages") or []
-        users = [m["content"] for m in msgs if m.get("role") == "user"]
-        replies = [m["content"] for m in msgs if m.get("role") == "assistant"]
-        if users and replies:
-            out[users[-1]] = replies[-1].strip()
+        user, reply = last_turn(msgs, "user"), last_turn(msgs, "assistant")
+        if user is not None and reply is not None:
+            out[user] = reply.strip()
     return out
 
 
@@ -163,8 +130,8 @@ def sweep(scores: np.ndarray) -> np.ndarray:
 
 
 def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
-    from server.router.features import featurizer
-    from server.router.learned import LearnedRouter, fit
+    from compress.router_features import featurizer
+    from compress.router_model import LearnedRouter, fit
 
     started = time.time()
     prompts = prompts_of(cfg.prompts)

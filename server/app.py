@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.engines.base import Engine
-from server.errors import install_error_handlers
+from server.http_errors import install_error_handlers
 from server.request_log import install_request_log
 from server.metrics import Metrics
 from adapters.registry import AdapterRegistry
@@ -38,12 +38,12 @@ def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None
             await engine.start()
             state.metrics.model_loaded(model_id, engine.weight_bytes, type(engine).__name__,
                                        getattr(engine, "quantization", None))
-            if hasattr(engine, "install_adapter"):
+            if engine.capabilities.adapters:
                 state.adapters[model_id] = AdapterRegistry(
                     model_id, engine, roots=settings.adapter_roots, max_loras=settings.max_loras,
                     max_rank=settings.max_lora_rank, events=state.metrics)
         if settings.router is not None:
-            from server.router.router import Router
+            from server.routing.router import Router
 
             state.routing = Router(settings.router, state)
         if settings.lora:

@@ -45,6 +45,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
     p.add_argument("--max-n", type=int, help="largest n per request")
     p.add_argument("--max-waiting", type=int, help="requests waiting per model before 429 with Retry-After")
+    p.add_argument("--strict-fields", action="store_true", default=None,
+                   help="refuse unknown request fields with a 400 (default: ignore them, named in a header)")
     p.add_argument("--lora", action="append", help="NAME=PATH: a pinned adapter loaded at start; repeatable")
     p.add_argument("--adapter-root", dest="adapter_roots", action="append", type=Path,
                    help="folder whose adapters may be loaded at runtime and just in time; repeatable")

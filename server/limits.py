@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 
-from server.errors import BadRequest, QueueFull, TooLarge, error_body
+from server.errors import BadRequest, QueueFull, TooLarge
+from server.http_errors import body_of, status_of
 from server.request_context import current
 
 
@@ -78,8 +79,8 @@ class BodyLimit:
     async def _refuse(self, send) -> None:
         err = TooLarge(f"the request body is larger than this server's limit of {self.max_bytes} bytes",
                        code="request_too_large")
-        payload = json.dumps(error_body(err.message, err.error_type, None, err.code)).encode()
-        await send({"type": "http.response.start", "status": err.status_code,
+        payload = json.dumps(body_of(err)).encode()
+        await send({"type": "http.response.start", "status": status_of(err),
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})

@@ -1,7 +1,8 @@
 """OpenAI wire models, in OpenAI's field order, and their translation to engine sampling parameters.
 
-Unknown fields are refused (400 naming the field) rather than silently dropped; OpenAI fields we do
-not implement are accepted only at their neutral value.
+Fields OpenAI defines that slimserve does not act on (metadata, store, service_tier, ...) are accepted
+and named back in the `x-slimserve-ignored-fields` header, as are fields nobody defines; with the
+setting `strict_fields` unknown ones are refused (400 naming the field) instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engines.base import SamplingParams
+from server.engines.base import Guide, SamplingParams
 from server.engines.generation_defaults import SAMPLING_DEFAULT_FIELDS
 from server.errors import BadRequest
 from server.request_context import current
@@ -20,6 +21,10 @@ from server.request_context import current
 MAX_STOP = 64  # hard cap in the schema; settings.max_stop is the server's own bound
 MAX_TOP_LOGPROBS = 20
 MAX_TOKEN_ID = 2**31 - 1  # beyond int32, torch and vLLM overflow (found by tests/test_fuzz_api.py)
+# OpenAI request fields that do not change the answer here: accepted, ignored, named in a header
+IGNORED_OPENAI_FIELDS = frozenset({
+    "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+    "reasoning_effort", "verbosity", "modalities", "audio", "prediction", "web_search_options", "user"})
 
 
 class _Strict(BaseModel):
@@ -50,11 +55,13 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(BaseModel):
     """Fields shared by chat and completions requests."""
 
+    model_config = ConfigDict(extra="allow")  # unknown fields: ignored and named back, or refused (strict)
+
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=128)  # the server's own bound: settings.max_n
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -109,17 +116,25 @@ class _SamplingFields(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        if self.logit_bias and not all(k.isdigit() and int(k) <= MAX_TOKEN_ID for k in self.logit_bias):
+            raise ValueError("logit_bias keys must be token ids")
+        unknown = sorted(set(self.model_extra or {}) - IGNORED_OPENAI_FIELDS)
+        if unknown and current().limits.strict_fields:
+            raise StrictFieldError(unknown[0])
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    def ignored_fields(self) -> list[str]:
+        """Fields the client sent that do not change the answer (for the x-slimserve-ignored-fields header)."""
+        given = set(self.model_extra or {}) | ({"user"} if self.user is not None else set())
+        return sorted(given)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self, max_tokens: int, logprobs: int | None, index: int, defaults: dict | None = None,
-                 prompt_logprobs: int | None = None) -> SamplingParams:
+                 prompt_logprobs: int | None = None, guide: Guide | None = None) -> SamplingParams:
         """Engine parameters for choice `index`. `defaults` (the model's generation_config) fill the
         sampling fields this request left out, as vLLM does."""
         given = self.model_fields_set
@@ -135,6 +150,8 @@ class _SamplingFields(_Strict):
             top_k=pick["top_k"],
             min_p=pick["min_p"],
             prompt_logprobs=prompt_logprobs,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            guide=guide,
             seed=seed,
             stop=self.stop_list(),
             stop_token_ids=list(self.stop_token_ids or []),
@@ -146,15 +163,63 @@ class _SamplingFields(_Strict):
         )
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class _FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: _FunctionName
+
+
+class StrictFieldError(ValueError):
+    """An unknown field under strict_fields; its name becomes the error's `param`."""
+
+    def __init__(self, field: str):
+        super().__init__("unknown field (this server runs with strict_fields)")
+        self.field = field
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM extensions
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -163,11 +228,19 @@ class ChatCompletionRequest(_SamplingFields):
     def _check_chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported")
-        if self.tools:
-            raise ValueError("tools are not supported")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names '{self.tool_choice.function.name}', which is not in tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        if self.uses_tools() and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format cannot be combined with a forced tool_choice")
         return self
+
+    def uses_tools(self) -> bool:
+        """Tools are offered (and the output is parsed for calls) unless tool_choice is none."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -12,7 +12,7 @@ import contextvars
 import uuid
 from dataclasses import dataclass, field
 
-FAULTS = ("sample", "detokenize", "prefill", "step", "kill")  # see server/engines/scheduler.py
+FAULTS = ("sample", "detokenize", "prefill", "step", "kill")  # see server/engines/torch/scheduler.py
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,14 @@ class Limits:
     max_stop_chars: int = 256
     max_waiting: int = 256
     retry_after_s: int = 1
+    strict_fields: bool = False  # unknown request fields: 400 instead of ignored
 
     @classmethod
     def from_settings(cls, s) -> "Limits":
         return cls(max_request_bytes=s.max_request_bytes, max_prompt_tokens=s.max_prompt_tokens,
                    max_tokens=s.max_tokens_limit, max_n=s.max_n, max_stop=s.max_stop,
-                   max_stop_chars=s.max_stop_chars, max_waiting=s.max_waiting, retry_after_s=s.retry_after_s)
+                   max_stop_chars=s.max_stop_chars, max_waiting=s.max_waiting, retry_after_s=s.retry_after_s,
+                   strict_fields=s.strict_fields)
 
 
 @dataclass

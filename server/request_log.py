@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 
-from server.errors import error_body
+from server.http_errors import error_body
 from server.request_context import FAULTS, Limits, RequestContext, enter, leave
 
 log = logging.getLogger("slimserve.request")

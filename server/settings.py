@@ -71,6 +71,8 @@ class ServeSettings(BaseSettings):
     max_waiting: int = Field(256, ge=0, description="requests waiting per model before 429 + Retry-After")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     log_format: Literal["text", "json"] = "text"
+    strict_fields: bool = Field(False, description="refuse unknown request fields (400) instead of ignoring them "
+                                                   "and naming them in the x-slimserve-ignored-fields header")
     fault_inject: bool = Field(False, description="tests only: honour the x-slimserve-fault request header")
 
     @field_validator("api_keys", "lora", "adapter_roots", mode="before")

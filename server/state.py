@@ -7,18 +7,9 @@ from dataclasses import dataclass, field
 
 from adapters.registry import AdapterRegistry
 from server.engines.base import Engine
-from server.errors import NotFound, Overloaded
+from server.errors import NotFound
 from server.metrics import Metrics
 from server.settings import ServeSettings
-
-
-@dataclass
-class Target:
-    """What a request's `model` field names: a base model, and maybe one of its adapters."""
-
-    engine: Engine
-    base: str
-    adapter: str | None = None
 
 
 @dataclass
@@ -30,30 +21,13 @@ class AppState:
     ready: bool = False
     draining: bool = False  # SIGTERM received: finish what runs, take nothing new
     created: int = 0
-    routing: object | None = None  # server.router.router.Router, when serve.yaml has a router section
+    routing: object | None = None  # server.routing.router.Router, when serve.yaml has a router section
 
     def router(self):
         if self.routing is None:
             raise NotFound("no router is configured (serve.yaml `router:` section); name a model instead",
                            param="model", code="model_not_found")
         return self.routing
-
-    async def resolve(self, model: str) -> Target:
-        if self.draining:
-            raise Overloaded("the server is shutting down; retry on another replica", code="shutting_down")
-        if not self.ready:
-            raise Overloaded("the server is starting; models are not loaded yet")
-        engine = self.engines.get(model)
-        if engine is not None:
-            return Target(engine, model)
-        for base, registry in self.adapters.items():
-            ref = await registry.resolve(model)
-            if ref is not None:
-                return Target(self.engines[base], base, ref.name)
-        routed = self.routing.model_ids() if self.routing is not None else []
-        known = ", ".join(sorted([*self.engines, *routed, *(r.name for reg in self.adapters.values() for r in reg.list())]))
-        raise NotFound(f"the model '{model}' does not exist; served models: {known or 'none'}", param="model",
-                       code="model_not_found")
 
     def metric_labels(self, model: str | None) -> tuple[str, str]:
         """(model, adapter) labels for a request that named `model`; unknown names get ("", "")."""

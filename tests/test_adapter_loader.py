@@ -21,7 +21,7 @@ def good(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shapes(tiny_model_dir):
-    from server.engines.torch_engine import TorchEngine
+    from server.engines.torch.engine import TorchEngine
 
     return TorchEngine.load("tiny", tiny_model_dir, dtype="float32").base_shapes()
 

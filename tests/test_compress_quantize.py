@@ -16,7 +16,7 @@ import torch
 
 from compress.manifest import read_manifest
 from compress.quantize import QuantizeError, QuantizeSpec, llmcompressor_python, quantize
-from server.engines.torch_engine import TorchEngine
+from server.engines.torch.engine import TorchEngine
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog near river number {i}." for i in range(200))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.torch.detokenize import IncrementalDetokenizer, StopStrings
 
 
 def test_incremental_text_equals_full_decode(tiny_model_dir):

@@ -10,7 +10,7 @@ import torch
 from adapter_factory import make_adapter
 from engine_run import greedy_tokens
 from adapters.loader import load_lora
-from server.engines.torch_engine import TorchEngine
+from server.engines.torch.engine import TorchEngine
 
 PROMPTS = ["Hello, world!", "The capital of France is", "Numbers: 1 2 3", "Servers batch requests together."]
 

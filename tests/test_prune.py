@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from compress.manifest import read_manifest
 from compress.prune import drop_layers, influence, prune
-from server.engines.torch_engine import TorchEngine
+from server.engines.torch.engine import TorchEngine
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from compress.router_calibration import curve, pick, rouge_l
-from server.router.features import CheapFeatures, MiniLMFeatures
-from server.router.learned import LearnedRouter, fit
+from compress.router_features import CheapFeatures, MiniLMFeatures
+from compress.router_model import LearnedRouter, fit
 from tests.conftest import ServerProcess
 from tests.tiny_model import build_tiny_model
 

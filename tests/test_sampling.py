@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.engines.base import SamplingParams
-from server.engines.sampling import RowState, filter_top_k_top_p, pick_tokens
+from server.engines.torch.sampling import RowState, filter_top_k_top_p, pick_tokens
 
 
 def _row(**kw) -> RowState:

@@ -32,7 +32,7 @@ def test_keys_are_compared_in_constant_time_over_every_key(monkeypatch):
 def test_remote_code_is_off_unless_enabled(tiny_model_dir, monkeypatch):
     import transformers
 
-    from server.engines.torch_engine import TorchEngine
+    from server.engines.torch.engine import TorchEngine
 
     seen = []
 
@@ -49,8 +49,10 @@ def test_remote_code_is_off_unless_enabled(tiny_model_dir, monkeypatch):
 
 
 def test_remote_code_is_per_model(tiny_model_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     from server.engines import factory
-    from server.engines.torch_engine import TorchEngine
+    from server.engines.torch.engine import TorchEngine
 
     config = tmp_path / "serve.yaml"
     config.write_text(f"models:\n  - name: plain\n    model: {tiny_model_dir}\n"
@@ -59,7 +61,7 @@ def test_remote_code_is_per_model(tiny_model_dir, tmp_path, monkeypatch):
 
     def fake_load(cls, model_id, path, **kwargs):
         seen[model_id] = kwargs["trust_remote_code"]
-        return object()
+        return SimpleNamespace()  # a stand-in engine: the factory sets attributes on it
 
     monkeypatch.setattr(TorchEngine, "load", classmethod(fake_load))
     factory.build_engines(load_settings(config))

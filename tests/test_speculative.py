@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
-from server.engines.torch_engine import TorchEngine
+from server.engines.torch.engine import TorchEngine
 from server.errors import ConfigError
 from tests.tiny_model import build_tiny_model
 

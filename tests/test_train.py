@@ -75,7 +75,7 @@ def test_lora_training_lowers_held_out_loss_and_serves(tiny_model_dir, chat_data
     assert manifest["kind"] == "adapter" and manifest["mode"] == "lora" and manifest["steps"] == 40
     assert len(manifest["data_sha256"]) == 64
 
-    from server.engines.torch_engine import TorchEngine
+    from server.engines.torch.engine import TorchEngine
 
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
     weights = load_lora("pirate", out, engine.base_shapes(), max_rank=64)

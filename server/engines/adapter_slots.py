@@ -41,6 +41,18 @@ class AdapterSlots:
                 self._refs[slot] += 1
             return slot
 
+    def retain(self, slot: int) -> int | None:
+        """One more reference to a slot someone already holds (a request's handle); None if it is gone."""
+        with self._lock:
+            if slot not in self._refs:
+                return None
+            self._refs[slot] += 1
+            return slot
+
+    def take(self, name: str | None, slot: int | None) -> int | None:
+        """A generation's own reference: to the slot its request holds, else to the name's current one."""
+        return self.retain(slot) if slot is not None else self.acquire(name) if name else None
+
     def release(self, slot: int) -> None:
         with self._lock:
             self._refs[slot] -= 1

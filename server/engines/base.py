@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+@dataclass(frozen=True)
+class Guide:
+    """Constrained decoding: every output token keeps the text a prefix of a match. One of the two."""
+
+    json_schema: str | None = None  # the schema as canonical JSON text (hashable: compiled grammars are cached)
+    json_object: bool = False  # any JSON object
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -23,6 +31,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    guide: Guide | None = None
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k (echo)
 
     @property
@@ -62,6 +72,7 @@ class GenerationRequest:
     params: SamplingParams
     stats: RequestStats
     adapter: str | None = None
+    adapter_slot: int | None = None  # the slot the dispatch layer holds for the request's life (else: by name)
     fault: str | None = None  # tests only (settings.fault_inject): where the engine raises, see scheduler
 
 
@@ -97,7 +108,17 @@ class EngineStats:
     waiting_adapters: int = 0
 
 
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do, asked instead of its class: the layers above never import engine classes."""
+
+    local: bool  # generates from token ids here (else: whole OpenAI requests go to an upstream)
+    adapters: bool  # serves LoRA adapters (has adapter slots and install/uninstall)
+    tokenizer: bool  # encode / decode / render_chat work here
+
+
 class Engine(Protocol):
+    capabilities: EngineCapabilities
     model_id: str
     max_model_len: int
     weight_bytes: int

@@ -56,7 +56,8 @@ def build_engines(settings: ServeSettings) -> dict[str, Engine]:
             draft = resolve_model(source or settings.model, settings.cache_dir, f"models.{entry.name}.draft")
         local = settings.for_entry(entry)
         engine = _build_local(local, draft, entry.num_speculative_tokens)
-        engine.sampling_defaults = sampling_defaults(engine.source) if local.generation_config == "auto" else {}
+        auto = local.generation_config == "auto"
+        engine.sampling_defaults = sampling_defaults(resolve_model_path(local)) if auto else {}
         if engine.sampling_defaults:
             log.info("%s: requests that leave them out sample with the model's generation_config %s "
                      "(generation_config: none turns this off)", entry.name, engine.sampling_defaults)
@@ -84,7 +85,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
     vllm_only = {k for k in settings.vllm_options() if k != "quantization"}
     if vllm_only:
         raise ConfigError(sorted(vllm_only)[0], "this setting applies to the vllm engine only")
-    from server.engines.torch_engine import TorchEngine
+    from server.engines.torch.engine import TorchEngine
 
     engine = TorchEngine.load(
         settings.model_id, path, dtype=settings.dtype, device=settings.device,

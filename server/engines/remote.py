@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 import httpx
 
 from server.engines.base import EngineStats
-from server.errors import APIError, Overloaded, error_body
+from server.engines.base import EngineCapabilities
+from server.errors import APIError, Overloaded
 from server.model_config import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ class UpstreamUnavailable(Overloaded):
 
 
 class UpstreamTimeout(APIError):
-    status_code = 504
-    error_type = "timeout_error"
+    """The upstream stopped answering within the timeout (the HTTP layer says 504)."""
 
 
 class UpstreamError(APIError):
@@ -48,10 +48,11 @@ class UpstreamError(APIError):
             message, param, code = f"upstream of '{name}' answered {status}", None, None
             self.error_type = "upstream_error"
         super().__init__(message, param=param, code=code)
-        self.status_code = status if 400 <= status < 600 else 502
+        self.status = status if 400 <= status < 600 else 502
 
 
 class RemoteEngine:
+    capabilities = EngineCapabilities(local=False, adapters=False, tokenizer=False)
     def __init__(self, name: str, base_url: str, *, api_key: str | None = None, upstream_model: str | None = None,
                  timeout: float = 120.0, unhealthy_seconds: float = 10.0):
         self.model_id = name
@@ -152,8 +153,8 @@ class RemoteEngine:
         except httpx.ReadTimeout as exc:
             raise UpstreamTimeout(f"the upstream of '{self.model_id}' stopped sending for too long") from exc
         except httpx.TransportError as exc:
-            raise UpstreamError(502, error_body(f"upstream stream broke: {type(exc).__name__}", "upstream_error"),
-                                self.model_id) from exc
+            raise UpstreamError(502, {"error": {"message": f"upstream stream broke: {type(exc).__name__}",
+                                                "type": "upstream_error"}}, self.model_id) from exc
         finally:
             self._in_flight -= 1
             await response.aclose()  # closing early tells the upstream to abort the generation

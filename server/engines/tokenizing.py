@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from server.engines.tool_prompt import inline_tools, template_takes_tools
 from server.errors import BadRequest
 
 
@@ -17,9 +18,15 @@ class HFTokenizing:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    **template_kwargs) -> list[int]:
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise BadRequest(f"model {self.model_id} has no chat template; use /v1/completions", param="messages")
+        if tools and template_takes_tools(template if isinstance(template, str) else str(template)):
+            template_kwargs["tools"] = tools
+        elif tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            messages = inline_tools(messages, tools or [])
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,

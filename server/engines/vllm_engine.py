@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from server.engines.adapter_slots import AdapterSlots
-from server.engines.base import Chunk, EngineStats, GenerationRequest, TokenLogprob
+from server.engines.guided import grammar_text
+from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest, TokenLogprob
 from server.engines.tokenizing import HFTokenizing
-from server.errors import ConfigError, EngineError, Forbidden, NotFound
+from server.errors import ConfigError, EngineError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def engine_args(path: str, *, dtype: str, max_model_len: int | None, max_num_seq
 
 
 class VLLMEngine(HFTokenizing):
+    capabilities = EngineCapabilities(local=True, adapters=True, tokenizer=True)
     def __init__(self, model_id: str, llm, tokenizer, *, max_model_len: int, source: str, weight_bytes: int,
                  stats: _Stats):
         self.model_id = model_id
@@ -127,7 +129,8 @@ class VLLMEngine(HFTokenizing):
         engine = cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
                      source=str(path), weight_bytes=weight_bytes, stats=stats)
         engine.quantization = llm.model_config.quantization
-        engine.lora_enabled = enable_lora
+        # vLLM's LoRA layers exist only when asked for; without them this engine serves no adapters
+        engine.capabilities = EngineCapabilities(local=True, adapters=enable_lora, tokenizer=True)
         engine.vocab_size = llm.model_config.get_vocab_size()  # larger prompt ids are refused (limits.admit)
         return engine
 
@@ -135,20 +138,22 @@ class VLLMEngine(HFTokenizing):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         p = request.params
         lora = None
         slot = None
         if request.adapter:
-            slot = self.adapter_slots.acquire(request.adapter)
+            slot = self.adapter_slots.take(request.adapter, request.adapter_slot)
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
             lora = self._lora_requests[slot]
         score_only = p.max_tokens == 0  # echo with max_tokens 0: vLLM generates one token, which is dropped
         sampling = SamplingParams(
             n=1, max_tokens=max(1, p.max_tokens), temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            min_p=p.min_p, seed=p.seed, prompt_logprobs=p.prompt_logprobs,
+            min_p=p.min_p, seed=p.seed, prompt_logprobs=p.prompt_logprobs, logit_bias=p.logit_bias,
+            # the same grammar text the PyTorch engine compiles (engines/guided.py), for vLLM's xgrammar backend
+            structured_outputs=None if p.guide is None else StructuredOutputsParams(grammar=grammar_text(p.guide)),
             stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
             logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
@@ -231,9 +236,6 @@ class VLLMEngine(HFTokenizing):
 
         from adapters.loader import check_finite
 
-        if not getattr(self, "lora_enabled", True):
-            raise Forbidden("this vLLM engine was started without LoRA; start it with --adapter-root, --lora or "
-                            "--admin-key to serve adapters")
         await asyncio.to_thread(check_finite, weights)  # vLLM runs in other processes: no thread concern here
         self._loop = asyncio.get_running_loop()
         lora_id = next(self._ids)

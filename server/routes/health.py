@@ -20,7 +20,7 @@ async def health():
 async def ready(state: State):
     engines_ok = {m: e.health() for m, e in state.engines.items()}
     # a remote upstream being down does not make this server unready: the router falls back around it
-    local = [ok for m, ok in engines_ok.items() if not getattr(state.engines[m], "base_url", None)]
+    local = [ok for m, ok in engines_ok.items() if state.engines[m].capabilities.local]
     ok = state.ready and not state.draining and bool(engines_ok) and all(local)
     return JSONResponse({"ready": ok, "draining": state.draining, "models": engines_ok},
                         status_code=200 if ok else 503)

@@ -14,7 +14,7 @@ def _cards(state) -> list[dict]:
     cards = []
     for model_id, engine in state.engines.items():
         cards.append({"id": model_id, "object": "model", "created": state.created,
-                      "owned_by": "remote" if getattr(engine, "base_url", None) else "slimserve",
+                      "owned_by": "slimserve" if engine.capabilities.local else "remote",
                       "root": getattr(engine, "source", "") or model_id, "parent": None,
                       "max_model_len": engine.max_model_len or None,
                       "quantization": getattr(engine, "quantization", None), "weight_bytes": engine.weight_bytes})

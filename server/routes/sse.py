@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from server.errors import APIError, EngineError
+from server.http_errors import body_of
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,10 @@ def sse_response(events: AsyncIterator[dict], headers: dict[str, str] | None = N
             async for item in events:
                 yield event(item)
         except APIError as exc:
-            yield event(exc.body())
+            yield event(body_of(exc))
         except Exception as exc:  # headers are gone: report the error in-band, then end the stream
             log.exception("stream failed")
-            yield event(EngineError(f"generation failed: {type(exc).__name__}").body())
+            yield event(body_of(EngineError(f"generation failed: {type(exc).__name__}")))
         finally:
             await _close(events)
         yield "data: [DONE]\n\n"

@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import ServerProcess  # noqa: E402
+from bench.server_arg import serving  # noqa: E402
 
 ADMIN = {"authorization": "Bearer bench-admin"}
 MODEL = "smollm2-135m-instruct"
@@ -106,10 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = make_adapters(base_dir, root, 8, args.rank)
-        server = ServerProcess(["--adapter-root", str(root), "--admin-key", "bench-admin", "--max-loras", "16"],
-                               log_path=Path("/tmp/slimserve-bench-adapters.log"))
-        try:
-            server.wait_ready(900)
+        with serving(["--adapter-root", str(root), "--admin-key", "bench-admin", "--max-loras", "16"],
+                     Path("/tmp/slimserve-bench-adapters.log")) as server:
             url = server.base_url
             hot = hot_load(url, root, names[0], args.loads)
             asyncio.run(spread(url, names, 8, 4))  # warm-up, and just-in-time loads of all eight
@@ -120,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                     "one_adapter": asyncio.run(spread(url, names[:1], args.n, args.max_tokens)),
                     "eight_adapters": asyncio.run(spread(url, names, args.n, args.max_tokens)),
                 })
-        finally:
-            server.stop()
 
     def mean(key):
         return round(statistics.mean(r[key]["output_tokens_per_s"] for r in rounds), 2)

@@ -30,6 +30,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.adapters import ADMIN, hot_load, make_adapters  # noqa: E402
+from compress.greedy import greedy_answers, load_generator  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 from server.bench.loadgen import BenchConfig, make_client, run_level  # noqa: E402
 from server.bench.prompts import synthetic_prompts  # noqa: E402
@@ -89,26 +90,14 @@ class PlainTransformers:
 
     def __init__(self, model_dir: Path):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-
-    def _encode(self, prompts: list[str]):
-        texts = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
-        return self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        self.model, self.tok = load_generator(model_dir, torch.bfloat16)
 
     def run(self, prompts: list[str], max_tokens: int, batch: int) -> dict:
-        tokens = 0
         start = time.perf_counter()
-        with self.torch.inference_mode():
-            for i in range(0, len(prompts), batch):
-                enc = self._encode(prompts[i:i + batch])
-                out = self.model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                          do_sample=False, pad_token_id=self.tok.pad_token_id)
-                tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+        tokens = sum(a.tokens for a in greedy_answers(self.model, self.tok, prompts, max_tokens, batch,
+                                                      progress=False, min_new_tokens=max_tokens))
         wall = time.perf_counter() - start
         return {"requests": len(prompts), "batch": batch, "output_tokens": tokens, "duration_s": round(wall, 3),
                 "output_tok_per_s": round(tokens / wall, 2)}

@@ -22,6 +22,10 @@ import httpx
 import openai
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.server_arg import add_server_args, serving  # noqa: E402
+
 PROMPTS = [
     "Explain why the sky is blue.", "Write a short poem about the sea.", "What is a neural network?",
     "Give three tips for learning a language.", "Describe the water cycle.", "Why do cats purr?",
@@ -97,38 +101,26 @@ class PeakRSS:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base-url")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("results/bench_concurrency.json"))
-    ap.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
+    add_server_args(ap)
     args = ap.parse_args(argv)
 
-    server = None
-    if args.base_url is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from conftest import ServerProcess
-
-        server = ServerProcess(args.server_arg, log_path=Path("/tmp/slimserve-bench.log"))
-        server.wait_ready(900)
-        args.base_url = server.base_url
-    try:
-        httpx.get(args.base_url + "/health", timeout=10).raise_for_status()
-        asyncio.run(run_phase(args.base_url, args.model, 2, 8, True))  # warm-up
-        with PeakRSS(server.proc.pid if server else None) as rss:
-            concurrent = asyncio.run(run_phase(args.base_url, args.model, args.n, args.max_tokens, True))
-            sequential = asyncio.run(run_phase(args.base_url, args.model, args.n, args.max_tokens, False))
-    finally:
-        if server:
-            server.stop()
+    with serving(args.server_arg, Path("/tmp/slimserve-bench.log"), base_url=args.base_url) as server:
+        httpx.get(server.base_url + "/health", timeout=10).raise_for_status()
+        asyncio.run(run_phase(server.base_url, args.model, 2, 8, True))  # warm-up
+        with PeakRSS(server.pid) as rss:
+            concurrent = asyncio.run(run_phase(server.base_url, args.model, args.n, args.max_tokens, True))
+            sequential = asyncio.run(run_phase(server.base_url, args.model, args.n, args.max_tokens, False))
     result = {
         "model": args.model,
         "max_tokens": args.max_tokens,
         "concurrent": concurrent,
         "sequential": sequential,
         "speedup": round(concurrent["output_tokens_per_s"] / sequential["output_tokens_per_s"], 2),
-        "peak_rss_mib": round(rss.peak / 2**20, 1) if server else None,
+        "peak_rss_mib": round(rss.peak / 2**20, 1) if server.pid else None,
         "cpu_count": psutil.cpu_count(),
     }
     for phase in (concurrent, sequential):

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from compress.router_calibration import (CalibrationConfig, answer, calibrate, curve, prompts_of, rouge_l, sweep,
                                          teacher_answers)
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
-from server.router.features import featurizer
-from server.router.learned import LearnedRouter
+from compress.router_features import featurizer
+from compress.router_model import LearnedRouter
 
 FIGURES = Path(__file__).parent / "figures"
 
@@ -40,7 +40,7 @@ def at(points: list[dict], threshold: float) -> dict:
 def live(args, teacher: str, router_dir: Path, cascade_threshold: float, prompts: list[str], work: Path) -> dict:
     import openai
 
-    from tests.conftest import ServerProcess
+    from tests.bench.server_arg import serving
 
     config = {"max_num_seqs": 8, "dtype": "float32", "models": [{"name": "teacher", "model": teacher},
                                             {"name": "student", "model": args.student}],
@@ -49,10 +49,8 @@ def live(args, teacher: str, router_dir: Path, cascade_threshold: float, prompts
                   "cascade": {"type": "cascade", "student": "student", "teacher": "teacher",
                               "threshold": min(0.0, cascade_threshold), "metric": "mean_logprob"}}}}
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
-    server = ServerProcess(["--config", str(work / "serve.yaml")], log_path=work / "server.log")
     out = {}
-    try:
-        server.wait_ready(300)
+    with serving(["--config", str(work / "serve.yaml")], work / "server.log", timeout=300) as server:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
 
         def ask(model: str, prompt: str):
@@ -69,8 +67,6 @@ def live(args, teacher: str, router_dir: Path, cascade_threshold: float, prompts
                 scores.append(1.0 if resp.model == "teacher" else rouge_l(resp.choices[0].message.content, ref))
             out[policy] = {"prompts": len(prompts), "student_share": served.count("student") / len(served),
                            "quality": float(np.mean(scores))}
-    finally:
-        server.stop()
     return out
 
 

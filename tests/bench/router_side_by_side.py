@@ -12,10 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
+from compress.data import last_turn, prompt_of
+
 
 def load(path: Path, limit: int) -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
-    return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
+    return [(prompt_of(r), last_turn(r["messages"], "assistant")) for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

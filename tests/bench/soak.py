@@ -30,6 +30,10 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.server_arg import add_server_args, serving  # noqa: E402
+
 PROMPTS = [
     "Explain why the sky is blue.", "Write a short poem about the sea.", "What is a neural network?",
     "Give three tips for learning a language.", "Describe the water cycle.", "Why do cats purr?",
@@ -196,7 +200,6 @@ def soak(base_url: str, model: str, *, clients: int = 64, duration: float = 300,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base-url", help="a running server; otherwise one is started (see --server-arg)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--api-key")
     ap.add_argument("--clients", type=int, default=64)
@@ -207,24 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-rss-growth", type=float, default=0.05)
     ap.add_argument("--out", type=Path, default=Path("results/soak.json"))
-    ap.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
+    add_server_args(ap)
     args = ap.parse_args(argv)
 
-    server = None
-    if args.base_url is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from conftest import ServerProcess
-
-        server = ServerProcess(args.server_arg, log_path=Path("/tmp/slimserve-soak.log"))
-        server.wait_ready(900)
-        args.base_url = server.base_url
-    try:
-        result = soak(args.base_url, args.model, clients=args.clients, duration=args.duration, warmup=args.warmup,
+    with serving(args.server_arg, Path("/tmp/slimserve-soak.log"), base_url=args.base_url) as server:
+        result = soak(server.base_url, args.model, clients=args.clients, duration=args.duration, warmup=args.warmup,
                       disconnect_every=args.disconnect_every, rss_window=args.rss_window, max_tokens=args.max_tokens,
                       api_key=args.api_key, max_rss_growth=args.max_rss_growth)
-    finally:
-        if server:
-            server.stop()
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from compress.router_calibration import prompts_of
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
-from server.engines.torch_engine import TorchEngine
+from server.engines.torch.engine import TorchEngine
 
 FIGURES = Path(__file__).parent / "figures"
 

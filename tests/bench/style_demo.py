@@ -18,7 +18,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import ServerProcess  # noqa: E402
+from bench.server_arg import serving  # noqa: E402
 
 QUESTIONS = ["Tell me about the sea.", "What should I do when I feel tired?", "Describe a city at night.",
              "How do I make friends?", "What is the best way to learn?"]
@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("results/style_demo.json"))
     args = ap.parse_args(argv)
     name = args.adapter.partition("=")[0]
-    server = ServerProcess(["--lora", args.adapter], log_path=Path("/tmp/slimserve-style-demo.log"))
-    try:
-        server.wait_ready(900)
+    with serving(["--lora", args.adapter], Path("/tmp/slimserve-style-demo.log")) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="demo", max_retries=0, timeout=300)
         rows = []
         for q in QUESTIONS:
@@ -46,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
                                                       ).choices[0].message.content
                 row[model] = {"text": text, "archaic_words": len(ARCHAIC.findall(text))}
             rows.append(row)
-    finally:
-        server.stop()
     totals = {m: sum(r[m]["archaic_words"] for r in rows) for m in ("smollm2-135m-instruct", name)}
     for r in rows:
         print(f"\nQ: {r['question']}")

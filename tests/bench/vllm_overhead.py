@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.concurrency import run_phase  # noqa: E402
+from bench.server_arg import serving  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -46,23 +47,21 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = default_model_dir(Path.home() / ".cache" / "slimserve")
     flags = ["--engine", "vllm", *COMMON] if args.engine == "vllm" else ["--dtype", "bfloat16", "--max-model-len", "2048"]
-    ours = ServerProcess(flags,
-                         env={"VLLM_CPU_OMP_THREADS_BIND": BIND}, log_path=Path("/tmp/slimserve-vllm-bench.log"))
-    raw = raw_vllm(model_dir)
+    raw = raw_vllm(model_dir)  # starts now, beside ours
     results: dict[str, dict[int, list[dict]]] = {"slimserve": {1: [], 16: []}, "raw_vllm": {1: [], 16: []}}
     try:
-        ours.wait_ready(600)
-        raw.wait_ready(600)
-        for url in (ours.base_url, raw.base_url):
-            asyncio.run(run_phase(url, MODEL, 16, 32, True))  # warm-up at full concurrency
-        for _ in range(args.rounds):
-            for n in (1, 16):
-                for name, server in (("slimserve", ours), ("raw_vllm", raw)):
-                    phase = asyncio.run(run_phase(server.base_url, MODEL, n if n > 1 else 4, args.max_tokens,
-                                                  concurrent=n > 1))
-                    results[name][n].append(phase)
+        with serving(flags, Path("/tmp/slimserve-vllm-bench.log"), timeout=600,
+                     env={"VLLM_CPU_OMP_THREADS_BIND": BIND}) as ours:
+            raw.wait_ready(600)
+            for url in (ours.base_url, raw.base_url):
+                asyncio.run(run_phase(url, MODEL, 16, 32, True))  # warm-up at full concurrency
+            for _ in range(args.rounds):
+                for n in (1, 16):
+                    for name, server in (("slimserve", ours), ("raw_vllm", raw)):
+                        phase = asyncio.run(run_phase(server.base_url, MODEL, n if n > 1 else 4, args.max_tokens,
+                                                      concurrent=n > 1))
+                        results[name][n].append(phase)
     finally:
-        ours.stop()
         raw.stop()
 
     summary = {}

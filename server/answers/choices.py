@@ -1,4 +1,5 @@
-"""What chat and completions share: planning choices, running them, streaming them, recording metrics.
+"""What local chat and completions answers share: planning choices, running them, streaming them,
+recording metrics.
 
 A request becomes one GenerationRequest per (prompt, n) choice. Validation (context length) happens
 here, before any work starts, so errors are 400s rather than broken streams.
@@ -8,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-
-from fastapi import Request
 
 from server.engines.base import Chunk, Engine, GenerationRequest, RequestStats, TokenLogprob
 from server.errors import APIError, BadRequest
+from server.http_errors import status_of
 from server.limits import admit
 from server.request_context import current
 from server.metrics import Metrics
@@ -34,7 +34,8 @@ class ChoiceResult:
 
 
 def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logprobs: int | None,
-         adapter: str | None = None, prompt_logprobs: int | None = None) -> list[GenerationRequest]:
+         adapter: str | None = None, prompt_logprobs: int | None = None, adapter_slot: int | None = None,
+         guide=None) -> list[GenerationRequest]:
     """One GenerationRequest per prompt x n, each checked against the context length."""
     requested = body.requested_max_tokens()
     requests = []
@@ -52,16 +53,16 @@ def plan(engine: Engine, prompts: list[list[int]], body, model_name: str, logpro
             index = p_index * body.n + n_index
             stats = RequestStats(model=model_name, adapter=adapter or "", prompt_tokens=len(ids))
             params = body.sampling(requested if requested is not None else room, logprobs, index,
-                                   getattr(engine, "sampling_defaults", None), prompt_logprobs)
-            requests.append(GenerationRequest(new_id("gen"), list(ids), params, stats, adapter,
+                                   getattr(engine, "sampling_defaults", None), prompt_logprobs, guide)
+            requests.append(GenerationRequest(new_id("gen"), list(ids), params, stats, adapter, adapter_slot,
                                               fault=current().fault))
     admit(engine, prompts, len(requests))  # prompt-token and waiting-queue bounds (429 + Retry-After)
     current().recorded = True  # from here on run_all/stream_all record it (metrics.record)
     return requests
 
 
-async def run_all(engine: Engine, requests: list[GenerationRequest], http: Request, metrics: Metrics
-                  ) -> list[ChoiceResult]:
+async def run_all(engine: Engine, requests: list[GenerationRequest], disconnected: Callable[[], Awaitable[bool]],
+                  metrics: Metrics) -> list[ChoiceResult]:
     """Run every choice to the end; a client that disconnects aborts them all."""
     results = [ChoiceResult() for _ in requests]
 
@@ -70,7 +71,7 @@ async def run_all(engine: Engine, requests: list[GenerationRequest], http: Reque
             _add(results[i], chunk)
 
     tasks = [asyncio.create_task(collect(i, r)) for i, r in enumerate(requests)]
-    watcher = asyncio.create_task(_wait_disconnect(http))
+    watcher = asyncio.create_task(_wait_disconnect(disconnected))
     status = 200
     try:
         done, _ = await asyncio.wait([watcher, asyncio.gather(*tasks)], return_when=asyncio.FIRST_COMPLETED)
@@ -81,7 +82,7 @@ async def run_all(engine: Engine, requests: list[GenerationRequest], http: Reque
             t.result()  # re-raise the first engine error
         return results
     except APIError as exc:
-        status = exc.status_code
+        status = status_of(exc)
         raise
     except BaseException:
         status = CLIENT_CLOSED if status == 200 else status
@@ -124,7 +125,7 @@ async def stream_all(engine: Engine, requests: list[GenerationRequest], metrics:
                 yield item
         status = 200
     except APIError as exc:
-        status = exc.status_code
+        status = status_of(exc)
         raise
     except Exception:
         status = 500
@@ -153,6 +154,6 @@ def _add(result: ChoiceResult, chunk: Chunk) -> None:
         result.finish_reason = chunk.finish_reason
 
 
-async def _wait_disconnect(http: Request) -> None:
-    while not await http.is_disconnected():
+async def _wait_disconnect(disconnected: Callable[[], Awaitable[bool]]) -> None:
+    while not await disconnected():
         await asyncio.sleep(0.25)

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
-
-from server.answer import complete, open_stream
 from server.engines.remote import UpstreamUnavailable
 from server.model_config import CascadePolicy
-from server.router.confidence import confidence, response_confidence, token_logprobs
-from server.router.router import Decision, Router
-from server.routes.sse import sse_response
+from server.routing.confidence import confidence, response_confidence, token_logprobs
+from server.routing.router import Decision, Router, Run
 
 
 def with_logprobs(kind: str, body):
@@ -38,41 +33,44 @@ def _strip(item: dict) -> dict:
     return item
 
 
-async def run_cascade(router: Router, name: str, policy: CascadePolicy, kind: str, body, http: Request):
+async def run_cascade(router: Router, name: str, policy: CascadePolicy, call, run: Run):
+    kind, body = call.kind, call.body
     metrics = router.state.metrics
     why = router.unavailable(policy.student)
     if why is not None:  # no point asking a student that cannot answer now
         decision = Decision(name, policy.student, "cascade", "cascade")
-        return await router.answer(router.fell_back(decision, policy.student, policy.teacher, why),
-                                   [policy.teacher], kind, body, http)
-    student = await router.state.resolve(policy.student)
+        return await router.run_first(router.fell_back(decision, policy.student, policy.teacher, why),
+                                      [policy.teacher], body, run)
     student_body = with_logprobs(kind, body)
     keep_logprobs = asked_logprobs(kind, body)
     try:
+        answer = await run(policy.student, student_body)
         if body.stream:
-            events = await open_stream(kind, student, student_body, router.state, policy.student)
-            head, score, events = await _first_tokens(events, policy)
+            head, score, events = await _first_tokens(answer.events, policy)
         else:
-            result = await complete(kind, student, student_body, http, router.state, policy.student)
+            result = answer.result
             score = response_confidence(result, policy.metric)
     except UpstreamUnavailable:
         decision = Decision(name, policy.student, "cascade", "cascade")
-        return await router.answer(router.fell_back(decision, policy.student, policy.teacher, "unreachable"),
-                                   [policy.teacher], kind, body, http)
+        return await router.run_first(router.fell_back(decision, policy.student, policy.teacher, "unreachable"),
+                                      [policy.teacher], body, run)
     metrics.cascade_confidence.labels(name).observe(score)
     if score >= policy.threshold:
         decision = Decision(name, policy.student, f"confident {policy.metric} {score:.3f}>={policy.threshold}",
                             "confident")
         router.record(decision)
         if body.stream:
-            return sse_response(_replay(head, events, keep_logprobs), decision.header())
-        return JSONResponse(result if keep_logprobs else _strip(result), headers=decision.header())
+            answer.events = _replay(head, events, keep_logprobs)
+        else:
+            answer.result = result if keep_logprobs else _strip(result)
+        answer.headers.update(decision.header())
+        return answer
     if body.stream:
         await events.aclose()  # stop the student's generation; the teacher starts over
     metrics.route_escalations.labels(name).inc()
     decision = Decision(name, policy.teacher, f"escalated {policy.metric} {score:.3f}<{policy.threshold}",
                         "escalated")
-    return await router.answer(decision, [policy.teacher], kind, body, http)
+    return await router.run_first(decision, [policy.teacher], body, run)
 
 
 async def _first_tokens(events: AsyncIterator[dict], policy: CascadePolicy):

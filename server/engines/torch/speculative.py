@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from server.engines.base import Chunk, GenerationRequest, SamplingParams
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
+from server.engines.torch.acceptance import TokenAcceptor
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def eligible(params: SamplingParams, adapter: str | None) -> bool:
     """What assisted generation reproduces exactly: greedy, no adapter, no logprobs or penalties."""
     return (params.greedy and adapter is None and params.logprobs is None and params.prompt_logprobs is None
-            and params.max_tokens > 0 and not params.ignore_eos
+            and params.max_tokens > 0 and not params.ignore_eos and params.guide is None and not params.logit_bias
             and params.presence_penalty == 0 and params.frequency_penalty == 0 and params.repetition_penalty == 1)
 
 
@@ -41,15 +41,13 @@ def load_draft(path: str | Path, target_model, tokenizer, dtype: torch.dtype, de
 
 
 class _Streamer:
-    """transformers streamer -> engine Chunks: detokenize, hold back and find stop strings."""
+    """transformers streamer -> engine Chunks, each token accepted as the batch scheduler accepts it."""
 
-    def __init__(self, req: GenerationRequest, tokenizer, eos_ids: set[int], emit):
+    def __init__(self, req: GenerationRequest, tokenizer, eos_ids: set[int], emit, max_model_len: int):
         self.req, self.emit, self.eos_ids = req, emit, eos_ids | set(req.params.stop_token_ids)
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStrings(req.params.stop)
+        self.acceptor = TokenAcceptor(tokenizer, req.params, eos_ids, len(req.prompt_token_ids), max_model_len)
         self.prompt_seen = False
         self.finish: str | None = None
-        self.hit = False  # a stop string ended it: its text is not sent
         self.count = 0
         self._pending: tuple[str, list[int]] = ("", [])
 
@@ -65,14 +63,8 @@ class _Streamer:
             ids.append(token)
             self.count += 1
             self.req.stats.token_emitted(now)
-            if token in self.eos_ids:
-                self.finish = "stop"
-                break
-            delta = self.detok.add(token)
-            piece, hit = self.stops.check(self.detok.text, len(delta))
+            piece, self.finish = self.acceptor.accept(token)
             text += piece
-            if hit:
-                self.finish, self.hit = "stop", True
         if ids and self.finish is None:
             self.emit(Chunk(text, ids))
         elif ids:
@@ -83,10 +75,9 @@ class _Streamer:
 
     def final_chunk(self, max_tokens_reached: bool) -> Chunk:
         text, ids = self._pending
+        if self.finish is None:  # generate() stopped on its own: release what is held back
+            text += self.acceptor.flush()
         reason = self.finish or ("length" if max_tokens_reached else "stop")
-        if not self.hit:  # release text held back in case it began a stop string
-            self.detok.finish()
-            text += self.stops.flush(self.detok.text)
         return Chunk(text, ids, finish_reason=reason)
 
 
@@ -100,7 +91,7 @@ class SpeculativeDecoder:
         """On the engine thread: generate to the end, emitting chunks as tokens are accepted."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        streamer = _Streamer(req, self.tokenizer, self.eos_ids, emit)
+        streamer = _Streamer(req, self.tokenizer, self.eos_ids, emit, max_model_len)
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):

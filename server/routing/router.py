@@ -1,25 +1,25 @@
 """The router behind the virtual model `auto`: pick a policy, let it choose, skip targets that are
-unhealthy or queued past the limit (fallback), answer, and say in `x-slimserve-route` what served
-the request and why. The response's `model` is the real target."""
+unhealthy or queued past the limit (fallback), run the target, and say in `x-slimserve-route` what
+served the request and why. The response's `model` is the real target.
+
+Targets run through a `run(name, body)` callable that the dispatch layer hands in, so routing knows
+neither HTTP nor how a target is reached."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
-
-from server.answer import complete, open_stream
-from server.engines.remote import RemoteEngine, UpstreamUnavailable
-from server.errors import NotFound, Overloaded
+from server.engines.remote import UpstreamUnavailable
+from server.errors import ConfigError, NotFound, Overloaded
 from server.model_config import AUTO, CascadePolicy, FixedPolicy, LearnedPolicy, RouterSettings, RulesPolicy
-from server.routes.sse import sse_response
-from server.router import rules
+from server.routing import rules
 
 log = logging.getLogger(__name__)
 ROUTE_HEADER = "x-slimserve-route"
+Run = Callable[[str, object], Awaitable[object]]  # (target name, body) -> dispatch.Answer
 
 
 @dataclass
@@ -40,9 +40,12 @@ class Router:
         self._learned = {}
         for name, policy in settings.policies.items():
             if isinstance(policy, LearnedPolicy):
-                from server.router.learned import LearnedRouter
+                from compress.router_model import LearnedRouter, RouterModelError
 
-                self._learned[name] = LearnedRouter.load(policy.path)
+                try:
+                    self._learned[name] = LearnedRouter.load(policy.path)
+                except RouterModelError as exc:
+                    raise ConfigError(f"router.policies.{name}.path", str(exc)) from exc
 
     def model_ids(self) -> list[str]:
         return [AUTO, *(f"{AUTO}:{name}" for name in self.settings.policies)]
@@ -56,21 +59,24 @@ class Router:
         return name, policy
 
     # ---- the request ---------------------------------------------------------------------------
-    async def respond(self, kind: str, body, http: Request, state):
+    async def answer(self, call, run: Run):
+        """Choose a target for `call` (dispatch.Call), run it, and return its answer with the route header."""
+        body = call.body
         name, policy = self.policy(body.model)
         if isinstance(policy, CascadePolicy):
-            from server.router.cascade import run_cascade
+            from server.routing.cascade import run_cascade
 
-            return await run_cascade(self, name, policy, kind, body, http)
-        target, reason, reason_kind = await self._choose(name, policy, kind, body, http)
+            return await run_cascade(self, name, policy, call, run)
+        target, reason, reason_kind = await self._choose(name, policy, call)
         order = [target, *self._alternatives(policy, target)]
-        return await self.answer(Decision(name, target, reason, reason_kind), order, kind, body, http)
+        return await self.run_first(Decision(name, target, reason, reason_kind), order, body, run)
 
-    async def _choose(self, name: str, policy, kind: str, body, http: Request) -> tuple[str, str, str]:
+    async def _choose(self, name: str, policy, call) -> tuple[str, str, str]:
+        kind, body = call.kind, call.body
         if isinstance(policy, FixedPolicy):
             return policy.target, "fixed", "fixed"
         if isinstance(policy, RulesPolicy):
-            target, reason = rules.decide(policy, await self.facts(kind, body, http))
+            target, reason = rules.decide(policy, await self.facts(call, policy.default))
             return target, reason, reason.replace(" ", "")
         if isinstance(policy, LearnedPolicy):
             learned = self._learned[name]
@@ -108,7 +114,7 @@ class Router:
         engine = self.state.engines[name]
         if not engine.health():
             return "unhealthy"
-        if not isinstance(engine, RemoteEngine) and engine.stats().waiting > self.settings.fallback.max_waiting:
+        if engine.capabilities.local and engine.stats().waiting > self.settings.fallback.max_waiting:
             return "queue_full"
         return None
 
@@ -120,7 +126,7 @@ class Router:
         log.info("route %s: %s skipped (%s), trying %s", decision.policy, skipped, why, to)
         return Decision(decision.policy, to, f"fallback from {skipped} ({why}) after {decision.reason}", "fallback")
 
-    async def answer(self, decision: Decision, order: list[str], kind: str, body, http: Request):
+    async def run_first(self, decision: Decision, order: list[str], body, run: Run):
         """Answer from the first target in `order` that is available; a refused upstream is skipped too."""
         last_error: Exception | None = None
         why: str | None = None  # why the previous target was skipped
@@ -130,28 +136,27 @@ class Router:
             why = self.unavailable(name)
             if why is not None and i < len(order) - 1:
                 continue
-            target = await self.state.resolve(name)
             try:
-                if body.stream:
-                    events = await open_stream(kind, target, body, self.state, name)
-                    self.record(decision)
-                    return sse_response(events, decision.header())
-                result = await complete(kind, target, body, http, self.state, name)
+                answer = await run(name, body)
                 self.record(decision)
-                return JSONResponse(result, headers=decision.header())
+                answer.headers.update(decision.header())
+                return answer
             except UpstreamUnavailable as exc:
                 why, last_error = "unreachable", exc
         raise last_error or Overloaded("no routing target is available")
 
     # ---- request facts -------------------------------------------------------------------------
-    async def facts(self, kind: str, body, http: Request) -> rules.RequestFacts:
-        return rules.RequestFacts(prompt_tokens=await self.count_prompt_tokens(kind, body),
+    async def facts(self, call, likely_target: str) -> rules.RequestFacts:
+        kind, body = call.kind, call.body
+        return rules.RequestFacts(prompt_tokens=await self.count_prompt_tokens(kind, body, likely_target),
                                   max_tokens=body.requested_max_tokens(), text=last_user_text(kind, body),
-                                  headers={k.lower(): v for k, v in http.headers.items()})
+                                  headers=call.headers)
 
-    async def count_prompt_tokens(self, kind: str, body) -> int:
-        """With the first local model's tokenizer; with only remote models, about 4 characters a token."""
-        local = next((e for e in self.state.engines.values() if not isinstance(e, RemoteEngine)), None)
+    async def count_prompt_tokens(self, kind: str, body, likely_target: str) -> int:
+        """With the tokenizer of the policy's default target when it has one, else of the first model that
+        has one; with only remote models, about 4 characters a token."""
+        engines = [self.state.engines[likely_target], *self.state.engines.values()]
+        local = next((e for e in engines if e.capabilities.tokenizer), None)
         if local is None:
             return len(last_user_text(kind, body)) // 4
         if kind == "chat":

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from adapters.loader import check_finite
-from server.engines.base import Chunk, EngineStats, GenerationRequest
+from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest
 from server.engines.adapter_slots import AdapterSlots
-from server.engines.lora import LoRAManager
-from server.engines.scheduler import BatchScheduler
+from server.engines.torch.lora import LoRAManager
+from server.engines.torch.scheduler import BatchScheduler
 from server.engines.tokenizing import HFTokenizing
 from server.errors import APIError, ConfigError, EngineError, NotFound
 
@@ -48,6 +48,7 @@ def pick_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
 
 
 class TorchEngine(HFTokenizing):
+    capabilities = EngineCapabilities(local=True, adapters=True, tokenizer=True)
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None):
         from compress.load_time import weight_bytes
@@ -68,6 +69,7 @@ class TorchEngine(HFTokenizing):
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self.speculative = None  # SpeculativeDecoder, when a draft model is attached
+        self._grammar_compiler = None  # engines/guided.Grammars, made at the first constrained request
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
         self.lora = LoRAManager(model, dtype=_param_dtype(model))
         self.adapter_slots = AdapterSlots(free=self.lora.remove)
@@ -120,7 +122,7 @@ class TorchEngine(HFTokenizing):
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method)
 
     def attach_draft(self, path: str, num_tokens: int) -> None:
-        from server.engines.speculative import SpeculativeDecoder, load_draft
+        from server.engines.torch.speculative import SpeculativeDecoder, load_draft
 
         draft = load_draft(path, self.model, self.tokenizer, _param_dtype(self.model), self.device)
         self.speculative = SpeculativeDecoder(self.model, draft, self.tokenizer, self.eos_ids, num_tokens, self.device)
@@ -134,12 +136,16 @@ class TorchEngine(HFTokenizing):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         slot = None
+        matcher = None
+        if request.params.guide is not None:  # compiled off the event loop; xgrammar caches the grammar
+            matcher = await asyncio.to_thread(self._grammars().matcher, request.params.guide)
         if request.adapter:
-            slot = self.adapter_slots.acquire(request.adapter)
+            slot = self.adapter_slots.take(request.adapter, request.adapter_slot)
             if slot is None:
                 raise NotFound(f"adapter '{request.adapter}' is not loaded", param="model", code="model_not_found")
         try:
-            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot)
+            self._scheduler.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), slot,
+                                   matcher)
         except BaseException:
             if slot is not None:
                 self.adapter_slots.release(slot)
@@ -159,12 +165,20 @@ class TorchEngine(HFTokenizing):
             if not finished:  # the consumer went away (client disconnect): stop generating
                 self._scheduler.abort(request.request_id)
 
+    def _grammars(self):
+        if self._grammar_compiler is None:
+            from server.engines.guided import Grammars
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._grammar_compiler = Grammars(self.tokenizer, vocab, self.eos_ids)
+        return self._grammar_compiler
+
     async def run_job(self, fn):
         """Run other torch work (e.g. the learned router's embeddings) on this engine's thread."""
         return await asyncio.wrap_future(self._scheduler.call(fn))
 
     def _speculate(self, request: GenerationRequest) -> bool:
-        from server.engines.speculative import eligible
+        from server.engines.torch.speculative import eligible
 
         running, waiting, _ = self._scheduler.counts()
         return running == 0 and waiting == 0 and eligible(request.params, request.adapter)
@@ -225,7 +239,7 @@ class TorchEngine(HFTokenizing):
 
     def stats(self) -> EngineStats:
         running, waiting, kv = self._scheduler.counts()
-        budget = self._scheduler.max_num_seqs * self.max_model_len
+        budget = self._scheduler.max_num_seqs * self.max_model_len  # KV rows x context
         return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, kv_cache_usage=min(1.0, kv / budget),
                            aborted=self._scheduler.aborted,
                            running_adapters=self._scheduler.running_with_adapters())

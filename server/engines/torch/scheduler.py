@@ -1,9 +1,9 @@
 """Continuous batching for the PyTorch engine, run in one worker thread.
 
-Each loop: admit waiting requests (bounded by `max_num_seqs` and a prefill token budget), prefill
-them together, merge their KV rows into the running batch, then run one decode step for every
-running sequence. Finished and aborted sequences leave the batch between steps. The event loop
-only ever sees Chunks pushed through `call_soon_threadsafe`.
+Each loop: run queued jobs, admit waiting requests (admission.py), prefill them together and merge
+their KV rows into the running batch (runner.py), then run one decode step for every running
+sequence and accept each row's token (acceptance.py). Finished and aborted sequences leave the batch
+between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -12,21 +12,20 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from server.engines.base import Chunk, GenerationRequest, TokenLogprob
-from server.engines.detokenize import IncrementalDetokenizer, StopStrings
-from server.engines.kv_cache import BatchCache, merge
-from server.engines.sampling import Picked, RowState, pick_tokens, score_prompt
+from server.engines.torch.acceptance import TokenAcceptor
+from server.engines.torch.admission import Admission
+from server.engines.torch.runner import ModelRunner
+from server.engines.torch.sampling import Picked, RowState, pick_tokens, score_prompt
 from server.errors import EngineError, Overloaded
 
 log = logging.getLogger(__name__)
 Emit = Callable[[Chunk | BaseException], None]
-_TRIM_MIN_COLUMNS = 32
 
 
 @dataclass
@@ -34,14 +33,15 @@ class Sequence:
     req: GenerationRequest
     emit: Emit
     row: RowState
-    detok: IncrementalDetokenizer
-    stops: StopStrings
+    acceptor: TokenAcceptor
     aborted: bool = False
     done: bool = False
-    extra_stop_ids: set[int] = field(default_factory=set)
     slot: int | None = None  # LoRA slot, held from submit to finish
-    fault: str | None = None  # tests only (settings.fault_inject): where to raise, see _inject
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.row.prompt_ids)
 
     @property
     def position(self) -> int:
@@ -52,77 +52,54 @@ class Sequence:
 class BatchScheduler:
     def __init__(self, model, tokenizer, *, eos_ids: set[int], max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, pad_id: int, lora=None, slots=None):
-        self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
-        self.device = device
         self.pad_id = pad_id
         self.lora = lora  # LoRAManager: which rows use which adapter
         self.slots = slots  # AdapterSlots: reference counts released when a sequence ends
-        self.num_layers = model.config.get_text_config().num_hidden_layers
-        self._cond = threading.Condition()
-        self._pending: deque[Sequence] = deque()
-        self._jobs: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self.queue = Admission(max_num_seqs, max_prefill_tokens)
+        self.runner = ModelRunner(model, device, pad_id)
         self._rows: list[Sequence] = []
         self._admitting: list[Sequence] = []  # left the queue, not yet in the batch
-        self._by_id: dict[str, Sequence] = {}
-        self._cache: BatchCache | None = None
-        self._mask: torch.Tensor | None = None
         self._shared_gen = torch.Generator(device="cpu")
         self._shared_gen.seed()
-        self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.aborted = 0  # sequences stopped early because their client went away
 
     # ---- called from the event loop -------------------------------------------------------------
-    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None) -> None:
+    def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None, matcher=None) -> None:
         gen = None
         if req.params.seed is not None:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(req.params.seed)
-        seq = Sequence(
-            req=req, emit=emit,
-            row=RowState(req.params, gen, [], list(req.prompt_token_ids)),
-            detok=IncrementalDetokenizer(self.tokenizer),
-            stops=StopStrings(req.params.stop),
-            extra_stop_ids=set(req.params.stop_token_ids), slot=slot, fault=req.fault,
-        )
-        with self._cond:
-            if self._thread is not None and not self._thread.is_alive():
-                raise Overloaded("the engine is not running; the server needs a restart", code="engine_dead")
-            if self._stopping:
-                raise EngineError("engine is shutting down")
-            self._by_id[req.request_id] = seq
-            self._pending.append(seq)
-            self._cond.notify()
+        seq = Sequence(req=req, emit=emit, row=RowState(req.params, gen, [], list(req.prompt_token_ids), matcher),
+                       acceptor=TokenAcceptor(self.tokenizer, req.params, self.eos_ids, len(req.prompt_token_ids),
+                                              self.max_model_len), slot=slot)
+        if self._thread is not None and not self._thread.is_alive():
+            raise Overloaded("the engine is not running; the server needs a restart", code="engine_dead")
+        if self.queue.stopping:
+            raise EngineError("engine is shutting down")
+        self.queue.add(seq)
 
     def abort(self, request_id: str) -> None:
-        with self._cond:
-            seq = self._by_id.get(request_id)
-            if seq is not None:
-                seq.aborted = True
-                self._cond.notify()
+        self.queue.abort(request_id)
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run `fn` on the engine thread between steps. All torch work belongs on that one thread:
         OpenMP slows every later step by ~40% once a second long-lived thread runs parallel ops."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._cond:
-            if self._stopping or not self.alive():
-                future.set_exception(EngineError("engine is not running"))
-                return future
-            self._jobs.append((fn, future))
-            self._cond.notify()
+        if self.queue.stopping or not self.alive():
+            future.set_exception(EngineError("engine is not running"))
+            return future
+        self.queue.add_job((fn, future))
         return future
 
     def counts(self) -> tuple[int, int, int]:
-        with self._cond:
-            kv = 0 if self._cache is None else self._cache.length * len(self._rows)
-            return len(self._rows), len(self._pending), kv
+        rows = len(self._rows)
+        return rows, self.queue.waiting(), self.runner.kv_tokens(rows)
 
     def running_with_adapters(self) -> int:
         return sum(1 for s in list(self._rows) if s.slot is not None)
@@ -135,9 +112,7 @@ class BatchScheduler:
         self._thread.start()
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self.queue.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -146,24 +121,22 @@ class BatchScheduler:
         try:
             self._loop()
         finally:  # stopped, or died: nothing may wait forever on a thread that is gone
-            with self._cond:
-                self._stopping = True
-                seqs, jobs = list(self._pending) + self._admitting + self._rows, list(self._jobs)
-                self._pending.clear()
-                self._jobs.clear()
-            self._fail(seqs, EngineError("the engine stopped"))
+            queued, jobs = self.queue.drain()
+            self._fail(queued + self._admitting + self._rows, EngineError("the engine stopped"))
             for _, future in jobs:
                 future.set_exception(EngineError("the engine stopped"))
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending and not self._rows and not self._jobs and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                jobs, self._jobs = list(self._jobs), deque()
-                new = self._admitting = self._admit()
+            step = self.queue.next_step(len(self._rows))
+            if step is None:
+                break
+            jobs, new, dropped = step
+            self._admitting = new
+            for seq in dropped:  # aborted while waiting
+                self._finish(seq, Chunk("", [], finish_reason="abort"))
+            for seq in new:
+                seq.req.stats.scheduled = time.perf_counter()
             for fn, future in jobs:
                 try:
                     with torch.inference_mode():
@@ -184,24 +157,6 @@ class BatchScheduler:
                 log.exception("engine step failed")
                 self._fail(new + self._rows, exc)
 
-    def _admit(self) -> list[Sequence]:
-        new: list[Sequence] = []
-        budget = self.max_prefill_tokens
-        longest = 0
-        while self._pending and len(self._rows) + len(new) < self.max_num_seqs:
-            seq = self._pending[0]
-            if seq.aborted:
-                self._pending.popleft()
-                self._finish(seq, Chunk("", [], finish_reason="abort"))
-                continue
-            longest = max(longest, len(seq.row.prompt_ids))
-            if new and longest * (len(new) + 1) > budget:  # padded prefill size
-                break
-            self._pending.popleft()
-            seq.req.stats.scheduled = time.perf_counter()
-            new.append(seq)
-        return new
-
     def _prefill(self, new: list[Sequence]) -> None:
         alone = [s for s in new if _scores_prompt(s)]
         if alone and len(new) > 1:  # prompt scoring needs every position's logits: those rows go one by one
@@ -209,21 +164,10 @@ class BatchScheduler:
             for group in ([rest] if rest else []) + [[s] for s in alone]:
                 self._prefill(group)
             return
-        lengths = [len(s.row.prompt_ids) for s in new]
-        width = max(lengths)
-        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, s in enumerate(new):
-            ids[i, width - lengths[i]:] = torch.tensor(s.row.prompt_ids)
-            mask[i, width - lengths[i]:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = BatchCache(self.num_layers)
         try:  # a failed prefill never touches the running batch; retried one by one, it fails only the culprit
             self._inject(new, "prefill")
             self._route_adapters(new)
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                             logits_to_keep=0 if alone else 1)
+            logits, rows = self.runner.prefill([s.row.prompt_ids for s in new], every_position=bool(alone))
         except Exception as exc:
             if len(new) == 1:
                 log.exception("prefill of %s failed", new[0].req.request_id)
@@ -235,12 +179,12 @@ class BatchScheduler:
             return
         if alone:
             seq = new[0]
-            self._score_prompt(seq, out.logits[0])
+            self._score_prompt(seq, logits[0])
             if seq.req.params.max_tokens == 0:  # echo with max_tokens 0: score the prompt, generate nothing
                 self._finish(seq, Chunk("", [], finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
                 return
-        picked = self._pick(out.logits[:, -1, :].float(), new)
-        self._cache, self._mask = merge(self._cache, self._mask, cache, mask.to(self.device))
+        picked = self._pick(logits[:, -1, :].float(), new)
+        self.runner.join(rows)
         self._rows.extend(new)
         self._accept(new, picked)
 
@@ -256,15 +200,10 @@ class BatchScheduler:
 
     def _decode(self) -> None:
         rows = self._rows
-        ids = torch.tensor([[s.row.output_ids[-1]] for s in rows], device=self.device)
-        positions = torch.tensor([[s.position] for s in rows], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         self._inject(rows, "step")
         self._route_adapters(rows)
-        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True)
-        picked = self._pick(out.logits[:, -1, :].float(), rows)
-        self._accept(rows, picked)
+        logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows])
+        self._accept(rows, self._pick(logits.float(), rows))
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> Picked:
         """Sample the batch; if that fails, sample row by row and fail only the rows that fail."""
@@ -291,7 +230,7 @@ class BatchScheduler:
         """Test-only fault injection: a request sent with `x-slimserve-fault: POINT` (honoured only
         with settings.fault_inject) raises here. `kill` ends the engine thread itself."""
         for seq in seqs:
-            if seq.fault == point:
+            if seq.req.fault == point:
                 if point == "kill":
                     raise _InjectedDeath(f"injected fault: {point}")
                 raise RuntimeError(f"injected fault: {point}")
@@ -313,24 +252,13 @@ class BatchScheduler:
 
     def _accept_one(self, seq: Sequence, token: int, lp, now: float) -> None:
         seq.row.output_ids.append(token)
-        params = seq.req.params
-        finish = None
-        text = ""
-        hit = False
-        if token in seq.extra_stop_ids or (token in self.eos_ids and not params.ignore_eos):
-            finish = "stop"
-        else:
-            self._inject([seq], "detokenize")
-            delta = seq.detok.add(token)
-            text, hit = seq.stops.check(seq.detok.text, len(delta))
-            if hit:
-                finish = "stop"
-        if finish is None and (len(seq.row.output_ids) >= params.max_tokens
-                               or seq.position + 1 >= self.max_model_len):
-            finish = "length"
-        if finish is not None and not hit:  # release text held back for a stop string
-            seq.detok.finish()
-            text += seq.stops.flush(seq.detok.text)
+        self._inject([seq], "detokenize")
+        matcher = seq.row.matcher
+        if matcher is not None and not matcher.accept_token(token):
+            raise RuntimeError(f"token {token} is outside the request's grammar")
+        text, finish = seq.acceptor.accept(token)
+        if finish is None and matcher is not None and matcher.is_terminated():  # the grammar is complete
+            finish, text = "stop", text + seq.acceptor.flush()
         seq.req.stats.token_emitted(now)
         chunk = Chunk(text, [token], self._logprobs(token, lp) if lp is not None else None, finish,
                       prompt_logprobs=seq.prompt_logprobs)
@@ -352,8 +280,7 @@ class BatchScheduler:
         self._release(seq)
         seq.req.stats.finish_reason = chunk.finish_reason
         seq.req.stats.finished = time.perf_counter()
-        with self._cond:
-            self._by_id.pop(seq.req.request_id, None)
+        self.queue.forget(seq.req.request_id)
         seq.emit(chunk)
 
     def _release(self, seq: Sequence) -> None:
@@ -368,18 +295,8 @@ class BatchScheduler:
         keep = [i for i, s in enumerate(self._rows) if not s.done]
         if len(keep) == len(self._rows):
             return
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        index = torch.tensor(keep, device=self.device)
         self._rows = [self._rows[i] for i in keep]
-        self._cache.select(index)
-        self._mask = self._mask.index_select(0, index)
-        used = torch.nonzero(self._mask.sum(0) > 0)
-        first = int(used[0]) if len(used) else 0
-        if first >= _TRIM_MIN_COLUMNS:  # columns only padding now; stop attending over them
-            self._cache.drop_front(first)
-            self._mask = self._mask[:, first:]
+        self.runner.keep(keep)
 
     def _fail(self, seqs: list[Sequence], exc: BaseException, keep_rows: bool = False) -> None:
         """Fail `seqs` with a 500. keep_rows: they stay in the batch (done) until _drop_finished
@@ -390,15 +307,14 @@ class BatchScheduler:
                 seq.done = True
                 self._release(seq)
                 seq.req.stats.finish_reason = "error"
-                with self._cond:
-                    self._by_id.pop(seq.req.request_id, None)
+                self.queue.forget(seq.req.request_id)
                 seq.emit(error)
         if keep_rows:
             return
         failed = {id(s) for s in seqs}
         self._rows = [s for s in self._rows if id(s) not in failed]
         if not self._rows:
-            self._cache, self._mask = None, None
+            self.runner.clear()
 
 
 def _scores_prompt(seq: Sequence) -> bool:

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from server.router.features import featurizer
+from compress.router_features import featurizer
 
 ROUTER_FILE = "router.json"
+
+
+class RouterModelError(ValueError):
+    """A learned-router folder that cannot be read."""
 
 
 @dataclass
@@ -50,9 +54,7 @@ class LearnedRouter:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            from server.errors import ConfigError
-
-            raise ConfigError("router", f"cannot read a learned router from {path}: {exc}") from exc
+            raise RouterModelError(f"cannot read a learned router from {path}: {exc}") from exc
         known = {"format", "features", "threshold", "bias", "weights", "mean", "std"}
         return cls(features=data["features"], weights=np.asarray(data["weights"], dtype=np.float32),
                    bias=float(data["bias"]), mean=np.asarray(data["mean"], dtype=np.float32),

@@ -20,6 +20,7 @@ class RowState:
     generator: torch.Generator | None
     output_ids: list[int]
     prompt_ids: list[int]
+    matcher: object | None = None  # xgrammar GrammarMatcher of a constrained row (engines/guided.py)
 
 
 @dataclass
@@ -43,6 +44,29 @@ def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[RowState]) -> None:
+    """OpenAI's logit_bias: a value added to chosen tokens' logits (ids beyond the vocabulary ignored)."""
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        bias = row.params.logit_bias
+        if bias:
+            ids = [t for t in bias if t < vocab]
+            logits[i, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+
+
+def apply_grammars(logits: torch.Tensor, rows: list[RowState]) -> None:
+    """Mask every token a constrained row's grammar does not allow next (rows without one untouched)."""
+    guided = [i for i, row in enumerate(rows) if row.matcher is not None]
+    if not guided:
+        return
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[-1])
+    for i in guided:
+        rows[i].matcher.fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=guided)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -87,6 +111,8 @@ def pick_tokens(logits: torch.Tensor, rows: list[RowState], shared: torch.Genera
     raw = logits
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     logits = apply_penalties(logits.clone(), rows)
+    apply_logit_bias(logits, rows)
+    apply_grammars(logits, rows)
     tokens = torch.argmax(logits, dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:

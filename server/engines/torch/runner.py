@@ -1,0 +1,70 @@
+"""Model execution for the batch scheduler: the running rows' KV cache and attention mask, a padded
+prefill of new rows, one decode step for every row, and dropping finished rows from the cache."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engines.torch.kv_cache import BatchCache, merge
+
+_TRIM_MIN_COLUMNS = 32
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device, pad_id: int):
+        self.model = model
+        self.device = device
+        self.pad_id = pad_id
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.cache: BatchCache | None = None
+        self.mask: torch.Tensor | None = None
+
+    def kv_tokens(self, rows: int) -> int:
+        return 0 if self.cache is None else self.cache.length * rows
+
+    def prefill(self, prompts: list[list[int]], every_position: bool = False):
+        """Left-padded forward pass over new prompts in a cache of their own. Returns the logits (the last
+        position's, or every position's) and the new rows' (cache, mask), which `join` adds to the batch."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - lengths[i]:] = torch.tensor(p)
+            mask[i, width - lengths[i]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = BatchCache(self.num_layers)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=0 if every_position else 1)
+        return out.logits, (cache, mask.to(self.device))
+
+    def join(self, new_rows) -> None:
+        cache, mask = new_rows
+        self.cache, self.mask = merge(self.cache, self.mask, cache, mask)
+
+    def decode(self, last_tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One step for every running row: logits [rows, vocab] of the next token."""
+        ids = torch.tensor([[t] for t in last_tokens], device=self.device)
+        pos = torch.tensor([[p] for p in positions], device=self.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(last_tokens), 1))], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True)
+        return out.logits[:, -1, :]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (indices into the batch); columns left holding only padding are dropped."""
+        if not rows:
+            self.clear()
+            return
+        index = torch.tensor(rows, device=self.device)
+        self.cache.select(index)
+        self.mask = self.mask.index_select(0, index)
+        used = torch.nonzero(self.mask.sum(0) > 0)
+        first = int(used[0]) if len(used) else 0
+        if first >= _TRIM_MIN_COLUMNS:  # columns only padding now; stop attending over them
+            self.cache.drop_front(first)
+            self.mask = self.mask[:, first:]
+
+    def clear(self) -> None:
+        self.cache, self.mask = None, None
