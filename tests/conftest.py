@@ -129,8 +129,9 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def async_client(server):
+    """Per test: an AsyncOpenAI client's connection pool is bound to the event loop that first used it."""
     import openai
 
     return openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)

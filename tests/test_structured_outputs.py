@@ -146,6 +146,13 @@ def test_openai_fields_not_acted_on_are_accepted_and_named(http):
     assert r.headers["x-slimserve-ignored-fields"] == "frobnicate, metadata, reasoning_effort, service_tier, store"
 
 
+def test_an_unknown_field_named_outside_latin1_is_percent_encoded_in_the_header(http):
+    # Found by the fuzz test: the header line is latin-1, a field name is any JSON string.
+    r = http.post("/v1/chat/completions", json={"model": TINY, "messages": MESSAGES, "max_tokens": 1, "\u0100\n": 1})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-slimserve-ignored-fields"] == "%C4%80%0A"
+
+
 def test_a_schema_that_cannot_be_enforced_is_400(http):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
     r = http.post("/v1/chat/completions", json={"model": TINY, "messages": MESSAGES, "response_format": fmt,

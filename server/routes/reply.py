@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -23,7 +24,8 @@ def reply(answer: Answer, body):
     headers = dict(answer.headers)
     ignored = body.ignored_fields()
     if ignored:
-        headers[IGNORED_HEADER] = ", ".join(ignored)
+        # Field names are client text: percent-encode them so any name fits a latin-1 header line.
+        headers[IGNORED_HEADER] = ", ".join(quote(name, safe="") for name in ignored)
         log.debug("ignored request fields: %s", ", ".join(ignored))
     if answer.events is not None:
         return sse_response(answer.events, headers)
