@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from compress.calibration import calibration_texts
 from compress.data import DataError
@@ -22,6 +23,9 @@ from compress.manifest import file_hash, write_manifest
 
 METHODS = ("gptq", "awq", "rtn", "int8")
 BACKENDS = ("gptqmodel", "llmcompressor")
+SELF = "self"  # --calib self: the model writes its own calibration text (compress/self_calibration.py)
+# progress(stage, done, total): stages "calibrating" (samples written) and "quantizing" (decoder layers)
+Progress = Callable[[str, int, int], None]
 
 
 class QuantizeError(ValueError):
@@ -38,7 +42,7 @@ class QuantizeSpec:
     group_size: int = 128
     act_order: bool = False
     sym: bool = True
-    calib: Path | None = None
+    calib: Path | str | None = None  # a .txt/.jsonl file, or "self"
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -96,12 +100,25 @@ def check(spec: QuantizeSpec) -> tuple[object, list[str]]:
     texts: list[str] = []
     if spec.method in ("gptq", "awq"):
         if spec.calib is None:
-            raise QuantizeError(f"{spec.method} needs calibration text: --calib FILE (.txt or .jsonl)")
-        try:
-            texts = calibration_texts(spec.calib, spec.num_samples, spec.seed)
-        except DataError as exc:
-            raise QuantizeError(str(exc)) from None
+            raise QuantizeError(f"{spec.method} needs calibration text: --calib FILE (.txt or .jsonl) or --calib self")
+        if spec.calib != SELF:  # self-written text is made later: it is work, not a check
+            try:
+                texts = calibration_texts(Path(spec.calib), spec.num_samples, spec.seed)
+            except DataError as exc:
+                raise QuantizeError(str(exc)) from None
     return config, texts
+
+
+def calibration_identity(spec: QuantizeSpec) -> str | None:
+    """What the calibration text is, for cache keys and manifests: None (none used), the file's
+    sha256, or self-calibration's version (the texts follow from the model, the seed and the recipe)."""
+    if spec.method not in ("gptq", "awq") or spec.calib is None:
+        return None
+    if spec.calib == SELF:
+        from compress.self_calibration import VERSION
+
+        return f"self-v{VERSION}"
+    return file_hash(Path(spec.calib))
 
 
 def llmcompressor_python() -> Path:
@@ -127,14 +144,46 @@ def _run_llmcompressor(spec: QuantizeSpec, bits: int, texts: list[str], out: Pat
         raise RuntimeError(f"llm-compressor failed (exit {done.returncode}); its output is above")
 
 
-def quantize(spec: QuantizeSpec) -> dict:
+def quantize(spec: QuantizeSpec, progress: Progress | None = None) -> dict:
+    """The one entry point, offline (`compress quantize`) and at load time (server/quantize_at_load.py):
+    the same spec gives the same artifact either way."""
     _, texts = check(spec)
+    if spec.calib == SELF and spec.method in ("gptq", "awq"):
+        from compress.self_calibration import self_calibration_texts
+
+        if progress:
+            progress("calibrating", 0, spec.num_samples)
+        texts = self_calibration_texts(spec.model, spec.num_samples, spec.seq_len, spec.seed,
+                                       progress=(lambda i, n: progress("calibrating", i, n)) if progress else None)
+    if progress:
+        progress("quantizing", 0, 0)  # the layer count comes with the first block GPTQModel reaches
     if spec.backend == "llmcompressor":
         return _finish(spec, texts, lambda out, bits: _run_llmcompressor(spec, bits, texts, out))
-    return _finish(spec, texts, lambda out, bits: _run_gptqmodel(spec, bits, texts, out))
+    return _finish(spec, texts, lambda out, bits: _run_gptqmodel(spec, bits, texts, out, progress))
 
 
-def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path) -> None:
+def _report_layers(model, progress: Progress):
+    """Forward pre-hooks on the decoder blocks: GPTQModel quantizes block by block, running each
+    block on the calibration activations as it goes, so the highest block seen is the progress."""
+    import torch
+
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    if not blocks:
+        return []
+    seen = [0]
+
+    def hook(index):
+        def on_forward(_module, _args):
+            if index + 1 > seen[0]:
+                seen[0] = index + 1
+                progress("quantizing", index + 1, len(blocks))
+        return on_forward
+
+    return [block.register_forward_pre_hook(hook(i)) for i, block in enumerate(blocks)]
+
+
+def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path,
+                   progress: Progress | None = None) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel import AWQConfig, GPTQConfig, RTNConfig
@@ -150,12 +199,15 @@ def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path) -
     else:  # rtn, int8: round to nearest, no calibration
         qcfg = RTNConfig(bits=bits, group_size=spec.group_size, sym=spec.sym)
     model = GPTQModel.load(str(spec.model), qcfg)
+    hooks = _report_layers(model.model, progress) if progress else []
     if spec.method == "awq":
         model.quantize(texts, batch_size=1, backend=BACKEND.AWQ_TORCH)  # GPTQModel's AWQ needs this without CUDA
     elif texts:
         model.quantize(texts, batch_size=1)
     else:
         model.quantize(calibration=None)
+    for h in hooks:
+        h.remove()
     model.save(str(out))
 
 
@@ -165,14 +217,19 @@ def _finish(spec: QuantizeSpec, texts: list[str], run) -> dict:
     tmp = spec.out.with_name(f".{spec.out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
-    run(tmp, bits)
+    try:
+        run(tmp, bits)
+    except BaseException:  # an error, full disk or Ctrl-C leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - started
     before = sum(f.stat().st_size for f in spec.model.glob("*.safetensors"))
     after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if k not in ("model", "out")}
     report = {
         "source_model": str(spec.model), "method": spec.method, "backend": spec.backend, "bits": bits,
-        "parameters": params, "calibration_sha256": file_hash(spec.calib) if texts else None,
+        "parameters": params, "calibration": ("self" if spec.calib == SELF else str(spec.calib)) if texts else None,
+        "calibration_sha256": file_hash(Path(spec.calib)) if texts and spec.calib != SELF else None,
         "calibration_samples": len(texts), "bytes_before": before, "bytes_after": after,
         "ratio": round(after / before, 4) if before else None, "seconds": round(seconds, 1),
     }

@@ -22,9 +22,11 @@ from server.state import AppState
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None) -> FastAPI:
-    """Build the app. Engines passed in are started here; otherwise they are loaded from settings."""
-    state = AppState(settings=settings, metrics=Metrics(), created=int(time.time()))
+def create_app(settings: ServeSettings, engines: dict[str, Engine] | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    """Build the app. Engines passed in are started here; otherwise they are loaded from settings.
+    `metrics`: the ones the loading phase already wrote to (the load-progress gauge)."""
+    state = AppState(settings=settings, metrics=metrics or Metrics(), created=int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

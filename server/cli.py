@@ -21,8 +21,15 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--engine", help="torch | vllm")
-    p.add_argument("--quantization", help="quantize at load: int8 | int4 | nf4 | fp8 (GPU, vllm engine); the vllm "
-                                          "engine also takes its own names (gptq, awq, compressed-tensors ...)")
+    p.add_argument("--quantization", help="quantize at load: gptq | awq | rtn (calibrated, cached in cache-dir/"
+                                          "quantized), int8 | int4 | nf4, fp8 (GPU, vllm engine); the vllm engine "
+                                          "also takes its own names for checkpoints (compressed-tensors ...)")
+    p.add_argument("--quant-bits", type=int, help="gptq/awq/rtn at load: bits per weight (4)")
+    p.add_argument("--quant-group-size", type=int, help="gptq/awq/rtn at load: weights per scale (default: the "
+                                                         "largest of 128, 64, 32 that divides every layer)")
+    p.add_argument("--calib", help="gptq/awq at load: calibration text, a .txt/.jsonl file, or `self` (default: "
+                                   "the model writes its own from fixed seeded prompts)")
+    p.add_argument("--calib-samples", type=int, help="gptq/awq at load: calibration samples (64)")
     p.add_argument("--gpu-memory-utilization", type=float, help="vllm engine (on CPU: share of RAM for KV)")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="vllm engine: KV cache size")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="vllm engine: no graphs/compile")
@@ -122,6 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.engines.factory import build_engines
+    from server.load_progress import LoadProgress
+    from server.loading_server import answering_while_loading, bind
+    from server.metrics import Metrics
     from server.request_log import configure_logging
     from server.settings import load_settings
     from server.shutdown import serve_until_drained
@@ -129,11 +139,21 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     settings = load_settings(args.config, **overrides)
     configure_logging(settings.log_level, settings.log_format)
-    engines = build_engines(settings)  # load before binding, so a bad model fails at start
-    app = create_app(settings, engines)
+    metrics = Metrics()
+    progress = LoadProgress(metrics.load_progress)
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        raise ConfigError("port", f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    # /health, /ready (with each model's stage) and /metrics answer while the models convert, quantize and load;
+    # a bad model still fails here, before the app starts, and the process exits 2
+    public = settings.metrics_public or not settings.api_keys
+    with answering_while_loading(sock, progress.snapshot, metrics.text if public else None):
+        engines = build_engines(settings, progress)
+    app = create_app(settings, engines, metrics=metrics)
     # uvicorn's records go through configure_logging's handler (log_config None)
     serve_until_drained(app, app.state.slim, host=settings.host, port=settings.port, log_level=settings.log_level,
-                        grace=settings.shutdown_grace, log_config=None)
+                        grace=settings.shutdown_grace, log_config=None, sockets=[sock])
     return 0
 
 

@@ -35,10 +35,21 @@ def add_parser(sub) -> None:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
     q.add_argument("--sym", dest="sym", action="store_true", default=True)
     q.add_argument("--asym", dest="sym", action="store_false")
-    q.add_argument("--calib", type=Path, help="calibration text (.txt or .jsonl); gptq and awq need it")
+    q.add_argument("--calib", help="calibration text (.txt or .jsonl), or `self` (the model writes its own from "
+                                   "fixed seeded prompts); gptq and awq need it")
     q.add_argument("--num-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+    w = csub.add_parser("warm", help="quantize every model a serve.yaml quantizes at load into the cache, then exit",
+                        description="For a Kubernetes Job or initContainer: the serving pods then start from the "
+                                    "shared cache in seconds.")
+    w.add_argument("--config", type=Path, required=True, help="the serve.yaml the servers will use")
+    w.add_argument("--cache-dir", type=Path, help="overrides the config's cache_dir")
+    c = csub.add_parser("cache", help="list or remove quantized models in the cache")
+    c.add_argument("action", choices=("ls", "rm"))
+    c.add_argument("names", nargs="*", help="rm: entry names as `ls` prints them")
+    c.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
+    c.add_argument("--json", action="store_true")
     pr = csub.add_parser("prune", help="drop the least important decoder blocks (block influence)")
     pr.add_argument("model")
     pr.add_argument("out", type=Path)
@@ -96,12 +107,22 @@ def run(args: argparse.Namespace) -> int:
         from server import cli_router
 
         return cli_router.run(args)
+    if args.compress_command == "warm":
+        from server.warm_cache import warm
+
+        return warm(args.config, args.cache_dir)
+    if args.compress_command == "cache":
+        from server.warm_cache import cache_command
+
+        return cache_command(args.action, args.names, args.cache_dir, as_json=args.json)
     if args.compress_command == "quantize":
         from compress.quantize import QuantizeError, QuantizeSpec, quantize
 
         spec = QuantizeSpec(model=Path(_model_dir(args.model, args.cache_dir)), out=args.out, method=args.method,
                             backend=args.backend, bits=args.bits, group_size=args.group_size,
-                            act_order=args.act_order, sym=args.sym, calib=args.calib, num_samples=args.num_samples,
+                            act_order=args.act_order, sym=args.sym,
+                            calib=args.calib if args.calib in (None, "self") else Path(args.calib),
+                            num_samples=args.num_samples,
                             seq_len=args.seq_len)
         try:
             report = quantize(spec)

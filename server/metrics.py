@@ -8,6 +8,7 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from server.engines.base import EngineStats, RequestStats
+from server.gpu_memory import GpuMemory
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -78,6 +79,12 @@ class Metrics:
         self.route_score = Histogram("slimserve_route_learned_score", "Learned router: predicted probability that "
                                      "the student's answer is good enough.", ["policy"], registry=r,
                                      buckets=tuple(i / 10 for i in range(11)))
+        self.load_progress = Gauge("slimserve_model_load_progress", "Start-up of each model: 0..1 of each stage "
+                                   "(converting, calibrating, quantizing, loading, ...); 1 once passed.",
+                                   ["model", "stage"], registry=r)
+        self.kv_bytes = Gauge("slimserve_kv_cache_bytes", "Bytes of KV cache the cached tokens occupy (vLLM: its "
+                              "usage share of the pool it reserved).", ["model"], registry=r)
+        self.gpu_memory = GpuMemory(r)  # no series at all where no GPU exists
         self._process = psutil.Process(os.getpid())
 
     # adapter events (the registry calls these)
@@ -129,6 +136,10 @@ class Metrics:
         if status == 200 and all(e is not None for e in ends):
             self.e2e.labels(m).observe(max(ends) - first.arrival)
 
+    def text(self) -> bytes:
+        """The exposition as it stands (no engine figures), e.g. while the models are still loading."""
+        return generate_latest(self.registry)
+
     def render(self, engines: dict[str, EngineStats], max_loras: int = 0) -> bytes:
         """Refresh the gauges read at scrape time, then render the text exposition."""
         for model, s in engines.items():
@@ -138,10 +149,12 @@ class Metrics:
             self.engine_aborts.labels(model).inc(max(0, s.aborted - self._seen_aborts.get(model, 0)))
             self._seen_aborts[model] = s.aborted
             self.kv_usage.labels(model).set(s.kv_cache_usage)
+            self.kv_bytes.labels(model).set(s.kv_cache_bytes)
             self.preemptions.labels(model).inc(max(0, s.preemptions - self._seen_preemptions.get(model, 0)))
             self._seen_preemptions[model] = s.preemptions
         self.lora_info.clear()
         for model, s in engines.items():
             self.lora_info.labels(model, str(s.running_adapters), str(s.waiting_adapters), str(max_loras)).set(1)
         self.rss.set(self._process.memory_info().rss)
+        self.gpu_memory.refresh()
         return generate_latest(self.registry)

@@ -16,6 +16,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class QuantizationRecipe(_Strict):
+    """`quantization:` as a mapping in a model entry: the load-time recipe of that model alone."""
+
+    method: str
+    bits: int | None = None
+    group_size: int | None = None
+    calib: str | None = None
+    calib_samples: int | None = Field(None, ge=1, le=4096)
+
+    def as_settings(self) -> dict[str, Any]:
+        names = {"method": "quantization", "bits": "quant_bits", "group_size": "quant_group_size",
+                 "calib": "calib", "calib_samples": "calib_samples"}
+        return {names[k]: v for k, v in self.model_dump(exclude_none=True).items()}
+
+
 class ModelEntry(_Strict):
     """One served model. Fields left out take the top-level setting of the same name."""
 
@@ -24,7 +39,7 @@ class ModelEntry(_Strict):
     engine: Literal["torch", "vllm", "remote"] = "torch"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     device: str | None = None
-    quantization: str | None = None
+    quantization: str | QuantizationRecipe | None = None
     max_model_len: int | None = Field(None, ge=16)
     max_num_seqs: int | None = Field(None, ge=1, le=1024)
     max_prefill_tokens: int | None = Field(None, ge=16)

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, Settin
 
 from server.default_model import DEFAULT_MODEL_ID
 from server.errors import ConfigError
-from server.model_config import ModelEntry, RouterSettings
+from server.model_config import ModelEntry, QuantizationRecipe, RouterSettings
 
 
 def _default_cache_dir() -> Path:
@@ -41,8 +41,14 @@ class ServeSettings(BaseSettings):
         "auto", description="auto: the model folder's generation_config sampling values are the defaults of "
                             "requests that leave them out (as vLLM); none: slimserve's own (temperature 1)")
     # vLLM engine options, passed through to vLLM's engine arguments
-    quantization: str | None = Field(None, description="load-time int8 | int4 | nf4 | fp8 (GPU); vllm engine: "
-                                                       "also its own names (gptq, awq, compressed-tensors ...)")
+    quantization: str | None = Field(None, description="quantize at load: gptq | awq | rtn (calibrated, cached), "
+                                                       "int8 | int4 | nf4, fp8 (GPU); vllm engine: also its own "
+                                                       "names for checkpoints (compressed-tensors ...)")
+    quant_bits: int = Field(4, description="gptq/awq/rtn at load: bits per weight (2, 3, 4 or 8)")
+    quant_group_size: int | None = Field(None, description="gptq/awq/rtn at load: weights per scale, -1 one per "
+                                                           "row; default the largest of 128/64/32 that fits")
+    calib: str = Field("self", min_length=1, description="gptq/awq at load: a .txt/.jsonl file or `self`")
+    calib_samples: int = Field(64, ge=1, le=4096, description="gptq/awq at load: calibration samples")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM (on CPU: share of RAM)")
     kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20, description="vLLM: KV cache size")
     enforce_eager: bool | None = None
@@ -136,6 +142,8 @@ class ServeSettings(BaseSettings):
         """The top-level settings with this entry's own fields laid over them (for one engine)."""
         skip = {"name", "draft", "num_speculative_tokens", "base_url", "api_key_env", "upstream_model", "timeout"}
         own = {k: v for k, v in entry.model_dump(exclude_unset=True).items() if k not in skip}
+        if isinstance(own.get("quantization"), dict):  # the serve.yaml mapping form: its keys are settings
+            own.update(QuantizationRecipe.model_validate(own.pop("quantization")).as_settings())
         own.setdefault("model", self.model)
         return self.model_copy(update={**own, "served_model_name": entry.name, "models": [], "router": None})
 

@@ -69,8 +69,11 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve_until_drained(app, state, *, host: str, port: int, log_level: str, grace: float, **uvicorn_options) -> None:
+def serve_until_drained(app, state, *, host: str, port: int, log_level: str, grace: float, sockets=None,
+                        **uvicorn_options) -> None:
+    """`sockets`: already listening (server/loading_server.bind), so no request is refused between the
+    loading server and this one."""
     inflight = InFlight(app)
     config = uvicorn.Config(inflight, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=1, **uvicorn_options)
-    DrainingServer(config, state, inflight, grace).run()
+    DrainingServer(config, state, inflight, grace).run(sockets=sockets)

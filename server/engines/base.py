@@ -102,6 +102,7 @@ class EngineStats:
     waiting: int
     kv_cache_tokens: int = 0
     kv_cache_usage: float = 0.0  # 0..1 of the engine's KV budget
+    kv_cache_bytes: int = 0  # bytes the cached tokens' keys and values occupy
     aborted: int = 0  # cumulative: sequences stopped because their client went away
     preemptions: int = 0  # cumulative
     running_adapters: int = 0  # running requests that use an adapter

@@ -9,6 +9,8 @@ from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import Engine
 from server.engines.generation_defaults import sampling_defaults
 from server.errors import ConfigError
+from server.load_progress import LoadProgress
+from server.quantize_at_load import check as check_quantization, quantized_path, wants_quantizing
 from server.settings import ServeSettings
 
 
@@ -37,11 +39,22 @@ def resolve_model(model: str, cache_dir: Path, setting: str = "model") -> str:
     return model  # a hub id
 
 
-def build_engines(settings: ServeSettings) -> dict[str, Engine]:
-    """One engine per served model, in the order serve.yaml lists them."""
+def build_engines(settings: ServeSettings, progress: LoadProgress | None = None) -> dict[str, Engine]:
+    """One engine per served model, in the order serve.yaml lists them. Every model's load-time
+    quantization recipe is checked before the first one starts any work."""
+    progress = progress or LoadProgress()
     engines: dict[str, Engine] = {}
     entries = settings.entries()
     by_name = {e.name: e for e in entries}
+    sources = {}
+    for entry in entries:  # refusals first: no model is converted or quantized while another is refused
+        if entry.engine == "remote":
+            continue
+        local = settings.for_entry(entry)
+        progress.stage(entry.name, "converting" if local.model == DEFAULT_MODEL_ID else "resolving")
+        sources[entry.name] = resolve_model_path(local)
+        if wants_quantizing(local, sources[entry.name]):
+            check_quantization(local, sources[entry.name], lora=_lora_enabled(local))
     for entry in entries:
         if entry.engine == "remote":
             from server.engines.remote import RemoteEngine
@@ -55,14 +68,24 @@ def build_engines(settings: ServeSettings) -> dict[str, Engine]:
             source = by_name[entry.draft].model if entry.draft in by_name else entry.draft
             draft = resolve_model(source or settings.model, settings.cache_dir, f"models.{entry.name}.draft")
         local = settings.for_entry(entry)
+        folder = sources[entry.name]
+        if wants_quantizing(local, folder):
+            path = quantized_path(local, folder, progress, lora=_lora_enabled(local))
+            local = local.model_copy(update={"model": path, "quantization": None})
+        progress.stage(entry.name, "loading")
         engine = _build_local(local, draft, entry.num_speculative_tokens)
+        progress.stage(entry.name, "ready")
         auto = local.generation_config == "auto"
-        engine.sampling_defaults = sampling_defaults(resolve_model_path(local)) if auto else {}
+        engine.sampling_defaults = sampling_defaults(folder) if auto else {}
         if engine.sampling_defaults:
             log.info("%s: requests that leave them out sample with the model's generation_config %s "
                      "(generation_config: none turns this off)", entry.name, engine.sampling_defaults)
         engines[entry.name] = engine
     return engines
+
+
+def _lora_enabled(settings: ServeSettings) -> bool:
+    return bool(settings.lora or settings.adapter_roots or settings.admin_key)
 
 
 def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tokens: int) -> Engine:
@@ -80,7 +103,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
             settings.model_id, path, dtype=settings.dtype, max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             options=options, trust_remote_code=settings.trust_remote_code,
-            enable_lora=bool(settings.lora or settings.adapter_roots or settings.admin_key),
+            enable_lora=_lora_enabled(settings),
         )
     vllm_only = {k for k in settings.vllm_options() if k != "quantization"}
     if vllm_only:

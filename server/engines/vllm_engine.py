@@ -99,6 +99,7 @@ class VLLMEngine(HFTokenizing):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.adapter_slots = AdapterSlots(free=self._free_lora)
         self.aborted = 0
+        self.kv_pool_bytes = 0  # the KV cache vLLM reserved, in bytes (set by load)
 
     @classmethod
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
@@ -135,6 +136,7 @@ class VLLMEngine(HFTokenizing):
         engine = cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
                      source=str(path), weight_bytes=weight_bytes, stats=stats)
         engine.quantization = llm.model_config.quantization
+        engine.kv_pool_bytes = _kv_pool_bytes(llm)
         # vLLM's LoRA layers exist only when asked for; without them this engine serves no adapters
         engine.capabilities = EngineCapabilities(local=True, adapters=enable_lora, tokenizer=True)
         engine.vocab_size = llm.model_config.get_vocab_size()  # larger prompt ids are refused (limits.admit)
@@ -273,7 +275,8 @@ class VLLMEngine(HFTokenizing):
 
     def stats(self) -> EngineStats:
         s = self._stats
-        return EngineStats(running=s.running, waiting=s.waiting, kv_cache_usage=s.kv_usage, aborted=self.aborted,
+        return EngineStats(running=s.running, waiting=s.waiting, kv_cache_usage=s.kv_usage,
+                           kv_cache_bytes=int(s.kv_usage * self.kv_pool_bytes), aborted=self.aborted,
                            preemptions=s.preemptions, running_adapters=sum(s.running_loras.values()),
                            waiting_adapters=sum(s.waiting_loras.values()))
 
@@ -340,3 +343,15 @@ def _quantized_shapes(path: str, seen: dict[str, tuple[int, int]]) -> dict[str, 
     by_leaf = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     return {m: by_leaf[m.rsplit(".", 1)[-1]] for m in missing if m.rsplit(".", 1)[-1] in by_leaf}
+
+
+def _kv_pool_bytes(llm) -> int:
+    """Blocks vLLM's engine reserved x tokens per block x bytes per token (keys and values, every layer)."""
+    import torch
+
+    config = llm.vllm_config
+    model, cache, parallel = config.model_config, config.cache_config, config.parallel_config
+    dtype = model.dtype if cache.cache_dtype == "auto" else getattr(torch, str(cache.cache_dtype), model.dtype)
+    per_token = (2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size()
+                 * torch.empty((), dtype=dtype).element_size())
+    return (cache.num_gpu_blocks or 0) * cache.block_size * per_token

@@ -241,7 +241,7 @@ class TorchEngine(HFTokenizing):
         running, waiting, kv = self._scheduler.counts()
         budget = self._scheduler.max_num_seqs * self.max_model_len  # KV rows x context
         return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, kv_cache_usage=min(1.0, kv / budget),
-                           aborted=self._scheduler.aborted,
+                           kv_cache_bytes=self._scheduler.runner.kv_bytes(), aborted=self._scheduler.aborted,
                            running_adapters=self._scheduler.running_with_adapters())
 
     async def start(self) -> None:

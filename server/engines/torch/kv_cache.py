@@ -89,6 +89,10 @@ class BatchCache(Cache):
         for layer in self.layers:
             layer.drop_front(columns)
 
+    def nbytes(self) -> int:
+        """Bytes the key/value buffers hold, reserved columns included (what the process spends)."""
+        return sum(layer._k.nbytes + layer._v.nbytes for layer in self.layers if layer._k is not None)
+
 
 def merge(a: BatchCache | None, a_mask: torch.Tensor | None, b: BatchCache, b_mask: torch.Tensor):
     """Stack the rows of `b` under those of `a`, left-padding the shorter one. Returns (cache, mask)."""

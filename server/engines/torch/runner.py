@@ -22,6 +22,10 @@ class ModelRunner:
     def kv_tokens(self, rows: int) -> int:
         return 0 if self.cache is None else self.cache.length * rows
 
+    def kv_bytes(self) -> int:
+        cache = self.cache
+        return 0 if cache is None else cache.nbytes()
+
     def prefill(self, prompts: list[list[int]], every_position: bool = False):
         """Left-padded forward pass over new prompts in a cache of their own. Returns the logits (the last
         position's, or every position's) and the new rows' (cache, mask), which `join` adds to the batch."""
