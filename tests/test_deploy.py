@@ -30,7 +30,7 @@ DEPLOY = ROOT / "deploy"
 # The oldest Kubernetes minor release still commonly supported by managed clusters, and the newest
 # kubernetes-validate knows. Every built-in object must validate against both, strictly.
 KUBERNETES_VERSIONS = ("1.32.0", "1.37.0")
-LAYOUTS = ("base", "overlays/cpu", "overlays/gpu", "overlays/router", "overlays/gateway")
+LAYOUTS = ("base", "overlays/cpu", "overlays/gpu", "overlays/router", "overlays/gateway", "overlays/quantize-warm")
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com_v1.json",
     ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool.inference.networking.k8s.io_v1.json",
@@ -340,6 +340,29 @@ def test_gpu_layout_asks_for_a_gpu_and_the_vllm_engine():
     assert server_container(d)["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert serve_yaml_of(objs, d)[1]["engine"] == "vllm"
     assert server_container(d)["image"].endswith(":gpu")
+
+
+def test_quantize_warm_layout_fills_the_cache_before_the_server_starts():
+    """The initContainer runs `compress warm` on the server's own serve.yaml with the server's image,
+    writes into the volume the server reads its cache from, and the recipe is a calibrated one (the
+    case the warm step exists for)."""
+    from server.quantize_at_load import CALIBRATED
+
+    objs = render("overlays/quantize-warm")
+    (d,) = of_kind(objs, "Deployment")
+    spec, server = pod_spec(d), server_container(d)
+    (warm,) = spec["initContainers"]
+    assert warm["image"] == server["image"]
+    args = warm["args"]
+    assert args[:2] == ["compress", "warm"] and args[args.index("--config") + 1] == CONFIG_PATH
+    assert server["args"][server["args"].index("--config") + 1] == CONFIG_PATH
+    _, cfg = serve_yaml_of(objs, d)
+    mounts = lambda c: {m["mountPath"]: m["name"] for m in c["volumeMounts"]}  # noqa: E731
+    assert mounts(warm)[cfg["cache_dir"]] == mounts(server)[cfg["cache_dir"]] == "cache"
+    assert mounts(warm)["/etc/slimserve"] == mounts(server)["/etc/slimserve"] == "config"
+    assert cfg["quantization"] in CALIBRATED
+    assert warm["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "memory" in warm["resources"]["limits"]
 
 
 # ---- the Grafana dashboard uses metric names the server exports ----

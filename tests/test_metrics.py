@@ -73,3 +73,47 @@ def test_refused_requests_count_by_status(server):
     assert moved(model=TINY, adapter="", status="400") == 1
     assert moved(model="", adapter="", status="404") == 1  # an unknown name mints no label value
     assert moved(model="", adapter="", status="413") == 1
+
+
+def test_kv_cache_bytes_while_a_request_streams(server, client):
+    """slimserve_kv_cache_bytes{model} is the memory the cached tokens hold: above zero mid-stream."""
+    stream = client.completions.create(model=TINY, prompt="Hello there, how are you", max_tokens=120,
+                                       stream=True, temperature=0, extra_body={"ignore_eos": True})
+    seen = []
+    for i, _ in enumerate(stream):
+        if i in (5, 40):
+            s = _samples(server.base_url)
+            seen.append((_value(s, "slimserve_kv_cache_bytes", model=TINY),
+                         _value(s, "slimserve_kv_cache_tokens", model=TINY)))
+    assert seen and all(nbytes > 0 for nbytes, _ in seen), seen
+    assert all(tokens > 0 for _, tokens in seen), seen
+
+
+def test_gpu_memory_series_absent_without_a_gpu(server):
+    """On a machine without GPUs the series does not exist at all (a dashboard must not read 0 bytes
+    of GPU memory as 'empty GPU')."""
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("this machine has a GPU: the series is expected here")
+    assert "slimserve_gpu_memory_bytes" not in httpx.get(server.base_url + "/metrics").text
+
+
+def test_gpu_memory_gauge_from_readings():
+    """The gauge appears at the first non-empty reading, one series per device and kind."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.gpu_memory import GpuMemory
+
+    readings: dict = {}
+    registry = CollectorRegistry()
+    gpu = GpuMemory(registry, read=lambda: readings)
+    gpu.refresh()
+    assert b"slimserve_gpu_memory_bytes" not in generate_latest(registry)
+    readings.update({"cuda:0": {"total": 80 << 30, "used": 9 << 30, "reserved": 6 << 30, "allocated": 5 << 30}})
+    gpu.refresh()
+    samples = {(s.labels["device"], s.labels["kind"]): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples == {("cuda:0", "total"): 80 << 30, ("cuda:0", "used"): 9 << 30,
+                       ("cuda:0", "reserved"): 6 << 30, ("cuda:0", "allocated"): 5 << 30}

@@ -99,7 +99,8 @@ class VLLMEngine(HFTokenizing):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.adapter_slots = AdapterSlots(free=self._free_lora)
         self.aborted = 0
-        self.kv_pool_bytes = 0  # the KV cache vLLM reserved, in bytes (set by load)
+        self.kv_pool_tokens = 0  # token slots in the KV cache vLLM reserved (set by load)
+        self.kv_token_bytes = 0  # bytes one cached token takes (keys and values, every layer)
 
     @classmethod
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
@@ -136,7 +137,7 @@ class VLLMEngine(HFTokenizing):
         engine = cls(model_id, llm, llm.get_tokenizer(), max_model_len=llm.model_config.max_model_len,
                      source=str(path), weight_bytes=weight_bytes, stats=stats)
         engine.quantization = llm.model_config.quantization
-        engine.kv_pool_bytes = _kv_pool_bytes(llm)
+        engine.kv_pool_tokens, engine.kv_token_bytes = _kv_pool(llm)
         # vLLM's LoRA layers exist only when asked for; without them this engine serves no adapters
         engine.capabilities = EngineCapabilities(local=True, adapters=enable_lora, tokenizer=True)
         engine.vocab_size = llm.model_config.get_vocab_size()  # larger prompt ids are refused (limits.admit)
@@ -275,8 +276,10 @@ class VLLMEngine(HFTokenizing):
 
     def stats(self) -> EngineStats:
         s = self._stats
-        return EngineStats(running=s.running, waiting=s.waiting, kv_cache_usage=s.kv_usage,
-                           kv_cache_bytes=int(s.kv_usage * self.kv_pool_bytes), aborted=self.aborted,
+        # vLLM reports usage as a share of its blocks: tokens and bytes are block-granular
+        tokens = round(s.kv_usage * self.kv_pool_tokens)
+        return EngineStats(running=s.running, waiting=s.waiting, kv_cache_usage=s.kv_usage, kv_cache_tokens=tokens,
+                           kv_cache_bytes=tokens * self.kv_token_bytes, aborted=self.aborted,
                            preemptions=s.preemptions, running_adapters=sum(s.running_loras.values()),
                            waiting_adapters=sum(s.waiting_loras.values()))
 
@@ -345,8 +348,8 @@ def _quantized_shapes(path: str, seen: dict[str, tuple[int, int]]) -> dict[str, 
     return {m: by_leaf[m.rsplit(".", 1)[-1]] for m in missing if m.rsplit(".", 1)[-1] in by_leaf}
 
 
-def _kv_pool_bytes(llm) -> int:
-    """Blocks vLLM's engine reserved x tokens per block x bytes per token (keys and values, every layer)."""
+def _kv_pool(llm) -> tuple[int, int]:
+    """(token slots: blocks vLLM's engine reserved x tokens per block, bytes per cached token)."""
     import torch
 
     config = llm.vllm_config
@@ -354,4 +357,4 @@ def _kv_pool_bytes(llm) -> int:
     dtype = model.dtype if cache.cache_dtype == "auto" else getattr(torch, str(cache.cache_dtype), model.dtype)
     per_token = (2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size()
                  * torch.empty((), dtype=dtype).element_size())
-    return (cache.num_gpu_blocks or 0) * cache.block_size * per_token
+    return (cache.num_gpu_blocks or 0) * cache.block_size, per_token
