@@ -124,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
                             calib=args.calib if args.calib in (None, "self") else Path(args.calib),
                             num_samples=args.num_samples,
                             seq_len=args.seq_len)
+        from server.load_progress import LoadProgress
+
+        shown = LoadProgress()  # a bar per stage on a terminal, a log line per stage otherwise
         try:
-            report = quantize(spec)
+            report = quantize(spec, lambda stage, done, total: shown.stage(args.out.name, stage, done, total))
         except QuantizeError as exc:
             raise ConfigError("quantize", str(exc)) from None
         print(json.dumps(report, indent=2))

@@ -139,6 +139,7 @@ def through_slimserve(work: Path, base_url: str, served_name: str, model_dir: Pa
 
 def assert_same_scores(served: tuple[float, dict], reference: tuple[float, dict]) -> None:
     (acc, lls), (ref_acc, ref_lls) = served, reference
+    print(f"lm-eval accuracy: slimserve {acc:.4f}, hf {ref_acc:.4f} over {len(ref_lls)} rows")  # pytest -s
     far = [(doc, i, lls[doc][i], ref_lls[doc][i]) for doc in sorted(ref_lls) for i in range(len(ref_lls[doc]))
            if not math.isclose(lls[doc][i], ref_lls[doc][i], rel_tol=1e-5, abs_tol=LL_ABS_TOL)]
     assert not far, f"{len(far)} loglikelihoods differ (doc, choice, slimserve, hf), first: {far[:5]}"
