@@ -61,6 +61,10 @@ def check(settings: ServeSettings, source: str, *, lora: bool) -> QuantizeSpec:
     if settings.engine == "vllm":
         from server.engines.vllm_kernels import missing_for
 
+        if settings.dtype == "float32":  # vLLM's GPTQ and AWQ layers take 16-bit activations only
+            raise ConfigError("dtype", f"the vLLM engine serves {spec.method} weights in float16 or bfloat16, not "
+                                       f"float32; use --dtype auto or bfloat16 (the PyTorch engine takes float32)")
+
         declared = {"quant_method": ARTIFACT_METHOD[spec.method], "bits": spec.bits, "group_size": spec.group_size,
                     "sym": spec.sym}
         missing = missing_for(None, {"quantization_config": declared}, lora=lora)

@@ -96,6 +96,41 @@ def test_gptq_at_load_says_what_it_does_serves_and_equals_the_offline_artifact(t
     assert len(_cached(cache)) == 1
 
 
+def test_gptq_at_load_on_the_vllm_engine_serves_the_artifact_folder(tiny_model_dir, tmp_path):
+    """vLLM is handed the cached artifact's folder: it serves the GPTQ weights slimserve made at start
+    (its card and vLLM's own config say gptq), and the PyTorch engine then reuses the same entry."""
+    pytest.importorskip("vllm")
+    from conftest import engine_flags
+    from server.engines.vllm_kernels import missing_for
+
+    missing = missing_for(None, {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64,
+                                                         "sym": True}})
+    if missing:
+        pytest.skip(missing)
+    cache = tmp_path / "cache"
+    args = ["--model", str(tiny_model_dir), "--served-model-name", "tq", "--dtype", "bfloat16", "--quantization", "gptq",
+            "--calib", "self", "--calib-samples", str(SAMPLES), "--quant-group-size", "64", "--cache-dir", str(cache)]
+    body = {"model": "tq", "prompt": "Hello, world!", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    texts = {}
+    for engine in ("vllm", "torch"):  # vLLM first: it quantizes, the PyTorch engine then reuses the artifact
+        server = ServerProcess(args + engine_flags(engine), log_path=tmp_path / f"{engine}.log")
+        try:
+            server.wait_ready(600)
+            card = httpx.get(server.base_url + "/v1/models").json()["data"][0]
+            assert "gptq" in str(card["quantization"]), card
+            r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            texts[engine] = r.json()["choices"][0]["text"]
+            again = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120)
+            assert again.json()["choices"][0]["text"] == texts[engine]  # greedy replays
+        finally:
+            server.stop()
+    assert "quantized into" in (tmp_path / "vllm.log").read_text()
+    assert "reusing the cached" in (tmp_path / "torch.log").read_text()
+    assert len(_cached(cache)) == 1
+    assert "quantization=auto_gptq" in (tmp_path / "vllm.log").read_text()  # vLLM's own engine config
+
+
 def test_two_servers_starting_together_quantize_once(tiny_model_dir, tmp_path):
     cache = tmp_path / "cache"
     args = ["--model", str(tiny_model_dir), "--served-model-name", "tq", "--dtype", "float32",
@@ -158,6 +193,7 @@ def _settings(model: Path, cache: Path, **kw):
     ({"quant_group_size": 48}, "quantization", "does not divide"),
     ({"calib": "/no/such/calibration.txt"}, "quantization", "calibration.txt"),
     ({"quant_bits": 5}, "quantization", "bits must be"),
+    ({"engine": "vllm", "dtype": "float32"}, "dtype", "float16 or bfloat16"),
 ])
 def test_bad_recipes_are_refused_before_any_work(tiny_model_dir, tmp_path, change, setting, message):
     cache = tmp_path / "cache"
