@@ -4,7 +4,8 @@ torchao / bitsandbytes path (old) and full precision, at batch 1 and 8, in proce
     python -m tests.bench.int_kernels                 # SmolLM2-135M-Instruct, the embedded default
     python -m tests.bench.int_kernels --profile       # plus the top ops of a batch-1 decode per variant
 
-Variants take turns rep by rep (the machine is shared and noisy); the median rep is reported.
+Variants take turns rep by rep (the machine is shared and noisy: other jobs come and go within a
+run); the best rep is the headline figure (the speed when the CPU was ours), the median is kept too.
 Decode tok/s counts the tokens after each request's first one, over the time from the last
 first token to the last token. Writes tests/bench/figures/int_kernels_smollm2.json and .png,
 with the CPU model (lscpu) and the flags that matter.
@@ -89,7 +90,7 @@ async def decode_rate(engine: TorchEngine, batch: int, max_tokens: int) -> tuple
     return sum(counts) / (max(lasts) - max(firsts)), first_ids
 
 
-def profile_decode(engine: TorchEngine, steps: int = 16, top: int = 8) -> list[dict]:
+def profile_decode(engine: TorchEngine, steps: int = 8, top: int = 8) -> list[dict]:
     """Top ops (self CPU time) of `steps` batch-1 decode steps through the model with its own cache."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -135,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL_ID)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path, default=FIGURES / "int_kernels_smollm2.json")
     args = ap.parse_args(argv)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         e = engines[v]
         row = {"dtype": e.dtype_choice.name, "weight_bytes": e.weight_bytes,
-               **{f"batch{b}_tok_s": statistics.median(out["rates"][v][b]) for b in batches},
+               **{f"batch{b}_tok_s": max(out["rates"][v][b]) for b in batches},
+               **{f"batch{b}_median_tok_s": statistics.median(out["rates"][v][b]) for b in batches},
                **{f"batch{b}_reps": out["rates"][v][b] for b in batches}}
         ref = out["texts"].get("bf16") or out["texts"].get("fp32")
         if ref:
@@ -189,14 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     result["full_precision_best"] = {"variant": full[1], "batch1_tok_s": full[0]}
     for v, row in result["variants"].items():
         row["batch1_x_full_precision"] = row["batch1_tok_s"] / full[0]
+        row["batch1_median_x_full_precision"] = row["batch1_median_tok_s"] / max(
+            result["variants"][f]["batch1_median_tok_s"] for f in ("fp32", "bf16") if f in result["variants"])
     if args.profile:
         for v in variants:
             result["variants"][v]["profile_batch1"] = profile_decode(engines[v])
-    print(f"\n{'variant':<14}{'dtype':<10}{'MiB':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>12}" for b in batches)
-          + f"{'b1 x fp':>10}")
+    print(f"\nbest of {args.reps} reps (median in brackets)")
+    print(f"{'variant':<14}{'dtype':<10}{'MiB':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>18}" for b in batches)
+          + f"{'b1 x fp':>14}")
     for v, row in result["variants"].items():
         print(f"{v:<14}{row['dtype']:<10}{row['weight_bytes'] / 2**20:>8.1f}"
-              + "".join(f"{row[f'batch{b}_tok_s']:>12.1f}" for b in batches) + f"{row['batch1_x_full_precision']:>10.2f}")
+              + "".join(f"{row[f'batch{b}_tok_s']:>10.1f} ({row[f'batch{b}_median_tok_s']:5.1f})" for b in batches)
+              + f"{row['batch1_x_full_precision']:>7.2f} ({row['batch1_median_x_full_precision']:.2f})")
     if args.profile:
         for v in variants:
             print(f"\n{v}: top ops per batch-1 decode step")

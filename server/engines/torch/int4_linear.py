@@ -60,11 +60,16 @@ class Int4Linear(nn.Module):
                                                           self.scales_and_zeros).float().t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        x2 = x.reshape(-1, self.in_features)  # casts only where needed: a decode step calls this ~200 times
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

@@ -40,11 +40,16 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        x2 = x.reshape(-1, self.in_features)  # casts only where needed: a decode step calls this ~200 times
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
