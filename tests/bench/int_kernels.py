@@ -124,8 +124,8 @@ def plot(result: dict, path: Path) -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("decode tok/s")
-    ax.set_title(f"SmolLM2-135M decode, PyTorch engine\n{result['cpu']['model']}, {result['cpu']['threads']} threads",
-                 fontsize=9)
+    ax.set_title(f"SmolLM2-135M decode, PyTorch engine, best of {result['reps']} reps\n"
+                 f"{result['cpu']['model']}, {result['cpu']['threads']} threads", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
