@@ -4,7 +4,7 @@
 KL bounds are relative to an unrelated model (the same tiny architecture, another seed): a
 quantizer that kept nothing of the weights would score like it (~6.8 nats per token here). The
 tiny random model (init std 0.25, so sharp logits) is far more sensitive than a trained one:
-measured int8 0.008 nats (0.12% of unrelated), int4 0.73 (11%), nf4 0.97 (14%); the old fp4
+measured int8 0.008 nats (0.12% of unrelated), int4 0.72 (11%), nf4 0.97 (14%); the old fp4
 (bitsandbytes) path measured 1.6 (23%). Bounds: int8 under 1% of unrelated, 4-bit under 35%: a
 few times what we measure, far below a broken quantizer. A real server answers greedily with an
 adapter on top of int8/int4 exactly as the in-process engine does.
