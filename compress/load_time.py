@@ -1,7 +1,10 @@
-"""Quantization at load time, no calibration: a full-precision checkpoint becomes int8 or 4-bit as
-it loads into the PyTorch engine. int8 is torchao's weight-only int8 (per-channel scales); int4 and
-nf4 are bitsandbytes' 4-bit formats (fp4 and NormalFloat4, blocks of 64). The embeddings and the
-output head stay in the checkpoint's dtype, as both libraries do by default."""
+"""Quantization at load time, no calibration, through a transformers quantization_config: int8 as
+torchao's weight-only int8 (per-channel scales); int4 and nf4 as bitsandbytes' 4-bit formats (fp4
+and NormalFloat4, blocks of 64). The embeddings and the output head stay in the checkpoint's dtype.
+
+The PyTorch engine on a CPU serves int8 and int4 on torch's own packed kernels instead
+(server/engines/torch/quantize_linears.py, faster); this path remains for nf4, for other devices,
+and for `compress eval REF@int8|int4` (compress imports nothing from server)."""
 
 from __future__ import annotations
 

@@ -104,6 +104,21 @@ def _torch() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     return info, gpus
 
 
+def _dtype_auto(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `dtype: auto` picks in the PyTorch engine on each device here, and why."""
+    try:
+        import torch
+
+        from server.engines.torch.dtype_choice import choose_dtype
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    choice = choose_dtype("auto", None, torch.device("cpu"))
+    out: dict[str, Any] = {"cpu": {"dtype": choice.name, "reason": choice.reason}}
+    if any("index" in g for g in gpus):
+        out["cuda"] = {"dtype": "the model config's", "reason": "auto on cuda: the config's dtype (float32 if none)"}
+    return out
+
+
 def gather(cache_dir: Path | None = None) -> dict[str, Any]:
     """Everything `slimserve env` prints, as plain JSON-able data."""
     from server import __version__
@@ -127,6 +142,7 @@ def gather(cache_dir: Path | None = None) -> dict[str, Any]:
         "cpu": cpu,
         "torch": torch_info,
         "gpus": gpus,
+        "dtype_auto": _dtype_auto(gpus),
         "packages": {name: _version(name) for name in PACKAGES},
         "vllm": kernels["vllm"] and {**kernels["vllm"], **{k: v for k, v in kernels.items() if k != "vllm"}},
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
@@ -156,6 +172,8 @@ def render(report: dict[str, Any]) -> str:
                                         "cuda_available", "error") if k in t})
     section("gpus", {f"cuda:{g['index']}": f"{g['name']}, {_human(g['memory_bytes'])}, sm {g['capability']}"
                      for g in report["gpus"] if "index" in g} or {"cuda": "none"})
+    section("dtype auto (torch engine)", {device: f"{d['dtype']}: {d['reason']}" if "dtype" in d else d
+                                          for device, d in report["dtype_auto"].items()})
     section("packages", {name: ver or "-" for name, ver in report["packages"].items()})
     v = report["vllm"]
     if not v:

@@ -17,7 +17,14 @@ def test_env_json_has_what_a_bug_report_needs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "server", "env", "--json", "--cache-dir", str(cache)],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     report = json.loads(out)
-    assert {"slimserve", "python", "platform", "cpu", "torch", "gpus", "packages", "vllm", "cache"} <= set(report)
+    assert {"slimserve", "python", "platform", "cpu", "torch", "gpus", "dtype_auto", "packages", "vllm",
+            "cache"} <= set(report)
+    from server.engines.torch.dtype_choice import choose_dtype  # what `dtype: auto` picks here, and why
+
+    import torch
+
+    auto = choose_dtype("auto", None, torch.device("cpu"))
+    assert report["dtype_auto"]["cpu"] == {"dtype": auto.name, "reason": auto.reason}
     from server import __version__
 
     assert report["slimserve"] == __version__
@@ -40,6 +47,6 @@ def test_env_json_has_what_a_bug_report_needs(tmp_path):
 def test_env_text(tmp_path, capsys):
     assert main(["env", "--cache-dir", str(tmp_path / "absent")]) == 0
     text = capsys.readouterr().out
-    for title in ("system", "cpu", "torch", "gpus", "packages", "vllm", "cache"):
+    for title in ("system", "cpu", "torch", "gpus", "dtype auto (torch engine)", "packages", "vllm", "cache"):
         assert f"\n{title}\n" in text
     assert "(does not exist)" in text

@@ -17,7 +17,8 @@ def _cards(state) -> list[dict]:
                       "owned_by": "slimserve" if engine.capabilities.local else "remote",
                       "root": getattr(engine, "source", "") or model_id, "parent": None,
                       "max_model_len": engine.max_model_len or None,
-                      "quantization": getattr(engine, "quantization", None), "weight_bytes": engine.weight_bytes})
+                      "quantization": getattr(engine, "quantization", None), "weight_bytes": engine.weight_bytes,
+                      **_dtype_fields(engine)})
     if state.routing is not None:
         for model_id in state.routing.model_ids():
             cards.append({"id": model_id, "object": "model", "created": state.created, "owned_by": "slimserve",
@@ -28,6 +29,16 @@ def _cards(state) -> list[dict]:
                           "root": str(ref.path), "parent": ref.base, "max_model_len": state.engines[ref.base].max_model_len,
                           "lora_rank": ref.rank, "pinned": ref.pinned, "source": ref.source})
     return cards
+
+
+def _dtype_fields(engine) -> dict:
+    """The PyTorch engine's dtype and why it was chosen (`dtype: auto` decides per device), and the
+    kernel that runs load-time int8/int4."""
+    choice = getattr(engine, "dtype_choice", None)
+    fields = {"dtype": choice.name, "dtype_reason": choice.reason} if choice is not None else {}
+    if getattr(engine, "quantization_kernel", None):
+        fields["quantization_kernel"] = engine.quantization_kernel
+    return fields
 
 
 @router.get("/v1/models")

@@ -16,14 +16,13 @@ import torch
 from adapters.loader import check_finite
 from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest
 from server.engines.adapter_slots import AdapterSlots
+from server.engines.torch.dtype_choice import DtypeChoice, choose_dtype
 from server.engines.torch.lora import LoRAManager
 from server.engines.torch.scheduler import BatchScheduler
 from server.engines.tokenizing import HFTokenizing
 from server.errors import APIError, ConfigError, EngineError, NotFound
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def pick_device(name: str) -> torch.device:
@@ -38,24 +37,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def pick_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    dtype = config_dtype if isinstance(config_dtype, torch.dtype) else _DTYPES.get(str(config_dtype), torch.float32)
-    if device.type == "cpu" and dtype == torch.float16:
-        return torch.float32  # fp16 matmuls are slow or missing on CPUs; bf16 and fp32 are not
-    return dtype
-
-
 class TorchEngine(HFTokenizing):
     capabilities = EngineCapabilities(local=True, adapters=True, tokenizer=True)
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
-                 max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None):
+                 max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None,
+                 dtype_choice: DtypeChoice | None = None, quantization_kernel: str | None = None):
         from compress.load_time import weight_bytes
 
         self.model_id = model_id
         self.source = source
         self.quantization = quantization
+        self.quantization_kernel = quantization_kernel  # int8/int4 on torch's packed kernels: which, in what dtype
+        self.dtype_choice = dtype_choice or DtypeChoice(_param_dtype(model), "the model's own dtype (built in process)")
         self.sampling_defaults: dict = {}  # set by the factory from the folder's generation_config
         self.model = model
         self.tokenizer = tokenizer
@@ -90,13 +83,18 @@ class TorchEngine(HFTokenizing):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ConfigError("model", f"cannot load a model config from {path!s}: {exc}") from exc
-        torch_dtype = pick_dtype(dtype, getattr(config, "dtype", None), dev)
+        choice = choose_dtype(dtype, getattr(config, "dtype", None), dev)
+        torch_dtype = choice.dtype
         kwargs = {}
         prequantized = getattr(config, "quantization_config", None)
         if quantization and prequantized:
             raise ConfigError("quantization", f"{path} is already quantized "
                                               f"({_method_of(prequantized)}); serve it without --quantization")
-        if quantization:
+        # int8/int4 on a CPU: torch's packed kernels, swapped in after loading (quantize_linears.py);
+        # elsewhere (and nf4) the transformers quantization_config path (torchao, bitsandbytes)
+        torch_kernels = quantization in ("int8", "int4") and dev.type == "cpu"
+        kernel = None
+        if quantization and not torch_kernels:
             from compress.load_time import QuantizationUnavailable, load_time_config
 
             try:
@@ -110,16 +108,22 @@ class TorchEngine(HFTokenizing):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ConfigError("model", f"{path!s} is not a loadable causal LM: {exc}") from exc
-        if not quantization:
+        if not quantization or torch_kernels:
             model.to(dev)
+        if torch_kernels:
+            from server.engines.torch.quantize_linears import quantize_linears
+
+            kernel = quantize_linears(model, quantization)["kernel"]
         model.eval()
         limit = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
         if max_model_len is not None and max_model_len > limit:
             raise ConfigError("max_model_len", f"{max_model_len} is above the model's {limit} positions")
         method = quantization or (_method_of(prequantized) if prequantized else None)
-        log.info("loaded %s (%s, %s, quantization %s) on %s", model_id, path, torch_dtype, method, dev)
+        log.info("loaded %s (%s, %s, quantization %s) on %s; dtype: %s", model_id, path, torch_dtype, method, dev,
+                 choice.reason)
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
-                   max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method)
+                   max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method,
+                   dtype_choice=choice, quantization_kernel=kernel)
 
     def attach_draft(self, path: str, num_tokens: int) -> None:
         from server.engines.torch.speculative import SpeculativeDecoder, load_draft
@@ -169,7 +173,8 @@ class TorchEngine(HFTokenizing):
         if self._grammar_compiler is None:
             from server.engines.guided import Grammars
 
-            vocab = self.model.get_output_embeddings().weight.shape[0]
+            head = self.model.get_output_embeddings()
+            vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # int8/int4 heads have no .weight
             self._grammar_compiler = Grammars(self.tokenizer, vocab, self.eos_ids)
         return self._grammar_compiler
 

@@ -1,0 +1,55 @@
+"""int8 weight-only linear layer on torch's own CPU kernel, `aten._weight_int8pack_mm`.
+
+Each output row keeps its int8 weights and one scale (symmetric, amax / 127); the kernel reads
+the int8 weights directly (half the bytes of bf16, a quarter of fp32) and scales the result.
+Activations run through the kernel in `compute_dtype` (see kernel_dtype.py: bf16 where that is
+the fast path of the kernel) and come back in the caller's dtype. No child modules and public
+`in_features`/`out_features`, so LoRA wraps it like any nn.Linear (lora.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scales fp32 [out]) with weight ~= q * scales[:, None]."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scales", scales.to(compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> "Int8Linear":
+        q, scales = quantize_int8_per_channel(linear.weight)
+        return cls(q.to(linear.weight.device), scales.to(linear.weight.device), linear.bias, compute_dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, as a float32 [out, in] matrix (the test reference)."""
+        return self.weight_int8.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # casts only where needed: a decode step calls this ~200 times
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"

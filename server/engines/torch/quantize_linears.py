@@ -1,0 +1,105 @@
+"""Load-time `--quantization int8 | int4` on CPUs: every nn.Linear of the decoder layers becomes an
+Int8Linear or Int4Linear running torch's own packed kernels, and the output head an Int8Linear.
+
+The output head is quantized too, always to int8: on a small model it is the largest matmul of a
+decode step (SmolLM2-135M: 49152 x 576, a fifth of the linear weights), and 4 bits there cost
+most of int4's quality (SmolLM2, 512 tokens of text: mean NLL bf16 3.174, int4 layers + int4 head
+3.211, int4 layers + int8 head 3.177), as llama.cpp keeps its output tensor above 4 bits. A tied
+head keeps the embedding in full precision for the lookup and gets its own quantized copy. A layer whose width the 4-bit
+group size does not divide stays full precision (logged).
+
+The kernels' activation dtype is chosen by measurement, once per process: each kernel is timed
+on one decode-sized matmul in bf16 and in fp32, on one thread (a busy machine stalls a
+two-thread call for a whole time slice), median of 7, and fp32 wins only when clearly faster
+(on AVX-512 CPUs the bf16 path is vectorised and the fp32 one is not, ~10-100x apart).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+from torch import nn
+
+from server.engines.torch.int4_linear import GROUP_SIZES, Int4Linear
+from server.engines.torch.int8_linear import Int8Linear
+
+log = logging.getLogger(__name__)
+
+METHODS = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 32
+
+
+def _time_kernel(method: str, dtype: torch.dtype, out_f: int = 1536, in_f: int = 576, reps: int = 7) -> float:
+    weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0))
+    layer = Int8Linear.from_linear(_linear(weight), dtype) if method == "int8" else \
+        Int4Linear.from_linear(_linear(weight), DEFAULT_GROUP_SIZE, dtype)
+    x = torch.randn(1, in_f, dtype=dtype)
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            layer(x)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2]
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data = weight
+    return layer
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_dtype(method: str) -> torch.dtype:
+    """The activation dtype in which this CPU runs the method's kernel faster (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {dtype: _time_kernel(method, dtype) for dtype in (torch.bfloat16, torch.float32)}
+    finally:
+        torch.set_num_threads(threads)
+    best = torch.float32 if times[torch.float32] < 0.67 * times[torch.bfloat16] else torch.bfloat16
+    log.info("%s kernel: %s", method, ", ".join(f"{str(d)[6:]} {t * 1e6:.0f} us" for d, t in times.items())
+             + f" per 1536x576 row (1 thread); activations in {str(best)[6:]}")
+    return best
+
+
+def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT_GROUP_SIZE,
+                     compute_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Swap the model's nn.Linear layers in place; returns {"quantized": n, "kept": m, "kernel": what runs}."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {group_size}")
+    compute_dtype = compute_dtype or kernel_dtype(method)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_dtype = compute_dtype if method == "int8" else kernel_dtype("int8")
+    quantized, kept = 0, []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        if module is not head and method == "int4" and module.in_features % group_size:
+            kept.append(name)
+            continue
+        with torch.no_grad():
+            if module is head or method == "int8":
+                new = Int8Linear.from_linear(module, head_dtype if module is head else compute_dtype)
+            else:
+                new = Int4Linear.from_linear(module, group_size, compute_dtype)
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+        quantized += 1
+    if head is not None and type(head) is nn.Linear and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the head is now its own quantized copy; nothing re-ties it
+    if kept:
+        log.warning("%s: %d linear layers stay full precision (width not a multiple of %d): %s", method, len(kept),
+                    group_size, ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""))
+    op = "_weight_int8pack_mm" if method == "int8" else \
+        f"_weight_int4pack_mm_for_cpu, groups of {group_size} (the head: int8)"
+    return {"quantized": quantized, "kept": len(kept),
+            "kernel": f"aten.{op}, {str(compute_dtype).removeprefix('torch.')} activations"}

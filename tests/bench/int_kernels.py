@@ -1,0 +1,220 @@
+"""Decode speed of load-time int8/int4 on the PyTorch engine: torch's packed kernels (new) against the
+torchao / bitsandbytes path (old) and full precision, at batch 1 and 8, in process.
+
+    python -m tests.bench.int_kernels                 # SmolLM2-135M-Instruct, the embedded default
+    python -m tests.bench.int_kernels --profile       # plus the top ops of a batch-1 decode per variant
+
+Variants take turns rep by rep (the machine is shared and noisy: other jobs come and go within a
+run); the best rep is the headline figure (the speed when the CPU was ours), the median is kept too.
+Decode tok/s counts the tokens after each request's first one, over the time from the last
+first token to the last token. Writes tests/bench/figures/int_kernels_smollm2.json and .png,
+with the CPU model (lscpu) and the flags that matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.engines.base import GenerationRequest, RequestStats, SamplingParams
+from server.engines.torch.engine import TorchEngine
+
+FIGURES = Path(__file__).parent / "figures"
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
+VARIANTS = ("fp32", "bf16", "int8", "int4", "int8-torchao", "int4-bnb")
+
+
+def cpu_model() -> dict:
+    from server.engines.vllm_kernels import cpu_info
+
+    info = cpu_info()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+                    info.get("model"))
+    except (OSError, subprocess.SubprocessError):
+        name = info.get("model")
+    return {"model": name, "flags": [f for f, ok in (info.get("flags") or {}).items() if ok],
+            "torch_capability": info.get("torch_capability"), "threads": torch.get_num_threads()}
+
+
+def load(variant: str, path: str) -> TorchEngine:
+    if variant in ("fp32", "bf16"):
+        return TorchEngine.load(variant, path, dtype={"fp32": "float32", "bf16": "bfloat16"}[variant])
+    if variant in ("int8", "int4"):
+        return TorchEngine.load(variant, path, dtype="auto", quantization=variant)
+    # the old path, as TorchEngine.load ran it before: a transformers quantization_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.load_time import load_time_config
+    from server.engines.torch.dtype_choice import choose_dtype
+
+    choice = choose_dtype("auto", None, torch.device("cpu"))
+    method = "int8" if variant == "int8-torchao" else "int4"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=choice.dtype, device_map="cpu",
+                                                 quantization_config=load_time_config(method, choice.dtype)).eval()
+    return TorchEngine(variant, model, AutoTokenizer.from_pretrained(path), max_model_len=2048, max_num_seqs=32,
+                       max_prefill_tokens=8192, device=torch.device("cpu"), source=path, quantization=method,
+                       dtype_choice=choice)
+
+
+async def decode_rate(engine: TorchEngine, batch: int, max_tokens: int) -> tuple[float, list[int]]:
+    firsts, lasts, counts, first_ids = [], [], [], []
+
+    async def one(i: int) -> None:
+        ids = engine.render_chat([{"role": "user", "content": f"{PROMPT} ({i})"}], True)
+        req = GenerationRequest(f"b{batch}-{i}-{time.monotonic_ns()}", ids,
+                                SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                                RequestStats("bench"))
+        first, n, toks = None, 0, []
+        async for chunk in engine.generate(req):
+            if chunk.token_ids:
+                first = first or time.perf_counter()
+                n += len(chunk.token_ids)
+                toks.extend(chunk.token_ids)
+        firsts.append(first)
+        lasts.append(time.perf_counter())
+        counts.append(n - 1)
+        if i == 0:
+            first_ids.extend(toks)
+
+    await asyncio.gather(*[one(i) for i in range(batch)])
+    return sum(counts) / (max(lasts) - max(firsts)), first_ids
+
+
+def profile_decode(engine: TorchEngine, steps: int = 8, top: int = 8) -> list[dict]:
+    """Top ops (self CPU time) of `steps` batch-1 decode steps through the model with its own cache."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = engine.model
+    ids = torch.tensor([engine.encode(PROMPT)])
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+             "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps} for e in events[:top]]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["variants"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.38
+    for k, batch in enumerate(result["batches"]):
+        vals = [result["variants"][n][f"batch{batch}_tok_s"] for n in names]
+        bars = ax.bar([i + (k - 0.5) * width for i in range(len(names))], vals, width, label=f"batch {batch}")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(f"SmolLM2-135M decode, PyTorch engine, best of {result['reps']} reps\n"
+                 f"{result['cpu']['model']}, {result['cpu']['threads']} threads", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=DEFAULT_MODEL_ID)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", type=Path, default=FIGURES / "int_kernels_smollm2.json")
+    args = ap.parse_args(argv)
+    path = str(default_model_dir(Path.home() / ".cache" / "slimserve")) if args.model == DEFAULT_MODEL_ID \
+        else args.model
+    variants = args.variants.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    cpu = cpu_model()
+    print(f"CPU: {cpu['model']} | torch dispatches to {cpu['torch_capability']} | {cpu['threads']} threads\n"
+          f"flags: {' '.join(cpu['flags'])}")
+    engines = {v: load(v, path) for v in variants}
+
+    async def run() -> dict:
+        rates = {v: {b: [] for b in batches} for v in variants}
+        texts = {}
+        for e in engines.values():
+            await e.start()
+            await decode_rate(e, 1, 4)  # warm up
+        for rep in range(args.reps):
+            for b in batches:
+                for v in variants:
+                    rate, toks = await decode_rate(engines[v], b, args.max_tokens)
+                    rates[v][b].append(rate)
+                    texts.setdefault(v, toks)
+            print(f"rep {rep + 1}/{args.reps}: " + "  ".join(
+                f"{v} " + "/".join(f"{rates[v][b][-1]:.1f}" for b in batches) for v in variants))
+        for e in engines.values():
+            await e.shutdown()
+        return {"rates": rates, "texts": texts}
+
+    out = asyncio.run(run())
+    result = {"model": path, "cpu": cpu, "torch": torch.__version__, "batches": batches,
+              "max_tokens": args.max_tokens, "reps": args.reps,
+              "command": "python -m tests.bench.int_kernels" + (" --profile" if args.profile else ""), "variants": {}}
+    for v in variants:
+        e = engines[v]
+        row = {"dtype": e.dtype_choice.name, "weight_bytes": e.weight_bytes,
+               **{f"batch{b}_tok_s": max(out["rates"][v][b]) for b in batches},
+               **{f"batch{b}_median_tok_s": statistics.median(out["rates"][v][b]) for b in batches},
+               **{f"batch{b}_reps": out["rates"][v][b] for b in batches}}
+        ref = out["texts"].get("bf16") or out["texts"].get("fp32")
+        if ref:
+            same = 0
+            for a, c in zip(out["texts"][v], ref):
+                if a != c:
+                    break
+                same += 1
+            row["greedy_prefix_same_as_full_precision"] = same
+        result["variants"][v] = row
+    full = max((result["variants"][v]["batch1_tok_s"], v) for v in ("fp32", "bf16") if v in result["variants"])
+    result["full_precision_best"] = {"variant": full[1], "batch1_tok_s": full[0]}
+    for v, row in result["variants"].items():
+        row["batch1_x_full_precision"] = row["batch1_tok_s"] / full[0]
+        row["batch1_median_x_full_precision"] = row["batch1_median_tok_s"] / max(
+            result["variants"][f]["batch1_median_tok_s"] for f in ("fp32", "bf16") if f in result["variants"])
+    if args.profile:
+        for v in variants:
+            result["variants"][v]["profile_batch1"] = profile_decode(engines[v])
+    print(f"\nbest of {args.reps} reps (median in brackets)")
+    print(f"{'variant':<14}{'dtype':<10}{'MiB':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>18}" for b in batches)
+          + f"{'b1 x fp':>14}")
+    for v, row in result["variants"].items():
+        print(f"{v:<14}{row['dtype']:<10}{row['weight_bytes'] / 2**20:>8.1f}"
+              + "".join(f"{row[f'batch{b}_tok_s']:>10.1f} ({row[f'batch{b}_median_tok_s']:5.1f})" for b in batches)
+              + f"{row['batch1_x_full_precision']:>7.2f} ({row['batch1_median_x_full_precision']:.2f})")
+    if args.profile:
+        for v in variants:
+            print(f"\n{v}: top ops per batch-1 decode step")
+            for op in result["variants"][v]["profile_batch1"]:
+                print(f"  {op['op']:<42}{op['self_ms_per_step']:>8.2f} ms {op['share']:>6.1%}"
+                      f"{op['calls_per_step']:>7.0f} calls")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
