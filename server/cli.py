@@ -10,41 +10,19 @@ from server import cli_compress
 from server import env_report
 from server.bench import command as bench_command
 from server.errors import ConfigError
+from server.model_settings import MODEL_SETTINGS, not_none
 
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve models over the OpenAI API",
                        description="Every flag can also be set in the YAML file and as SLIMSERVE_<NAME>.")
     p.add_argument("--config", type=Path, help="serve.yaml with any of the settings below")
-    p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", help="the id clients send as `model`")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--engine", help="torch | vllm")
-    p.add_argument("--quantization", help="quantize at load: gptq | awq | rtn (calibrated, cached in cache-dir/"
-                                          "quantized), int8 | int4 | nf4, fp8 (GPU, vllm engine); the vllm engine "
-                                          "also takes its own names for checkpoints (compressed-tensors ...)")
-    p.add_argument("--quant-bits", type=int, help="gptq/awq/rtn at load: bits per weight (4)")
-    p.add_argument("--quant-group-size", type=int, help="gptq/awq/rtn at load: weights per scale (default: the "
-                                                         "largest of 128, 64, 32 that divides every layer)")
-    p.add_argument("--calib", help="gptq/awq at load: calibration text, a .txt/.jsonl file, or `self` (default: "
-                                   "the model writes its own from fixed seeded prompts)")
-    p.add_argument("--calib-samples", type=int, help="gptq/awq at load: calibration samples (64)")
-    p.add_argument("--gpu-memory-utilization", type=float, help="vllm engine (on CPU: share of RAM for KV)")
-    p.add_argument("--kv-cache-memory-bytes", type=int, help="vllm engine: KV cache size")
-    p.add_argument("--enforce-eager", action="store_true", default=None, help="vllm engine: no graphs/compile")
-    p.add_argument("--tensor-parallel-size", type=int, help="vllm engine")
-    p.add_argument("--max-cpu-loras", type=int, help="vllm engine: adapters cached in CPU memory")
-    p.add_argument("--dtype", help="auto | bfloat16 | float16 | float32")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int, help="sequences decoded together")
-    p.add_argument("--max-prefill-tokens", type=int)
+    _model_flags(p)
     p.add_argument("--api-key", dest="api_keys", action="append", help="client key; repeat for several")
     p.add_argument("--cache-dir", type=Path)
-    p.add_argument("--trust-remote-code", action="store_true", default=None)
-    p.add_argument("--generation-config", help="auto (default): the model folder's generation_config sampling "
-                                               "values are request defaults, as in vLLM; none: temperature 1 etc.")
     p.add_argument("--log-level")
     p.add_argument("--log-format", help="text | json (one JSON object per line, request lines with an id)")
     p.add_argument("--max-request-bytes", type=int, help="largest request body (413 above)")
@@ -63,6 +41,20 @@ def _serve_parser(sub) -> None:
     p.add_argument("--shutdown-grace", type=float, help="SIGTERM: seconds in-flight requests get to finish")
     p.add_argument("--metrics-public", action="store_true", default=None,
                    help="serve /metrics without an API key (for Prometheus or an endpoint picker)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """The per-model settings (server/model_settings.py) as flags: for the single model, or every model's default."""
+    for s in MODEL_SETTINGS:
+        if not s.flag:
+            continue
+        flag, kind = "--" + s.name.replace("_", "-"), not_none(s.type)
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=s.help)
+            continue
+        shown = s.default not in (None, False) and "default" not in s.help
+        p.add_argument(flag, type=kind if kind in (int, float) else str,
+                       help=f"{s.help} (default: {s.default})" if shown else s.help)
 
 
 def _adapters_parser(sub) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from server.model_settings import MODEL_SETTINGS, RECIPE, ModelSetting, not_none
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$"
 AUTO = "auto"
@@ -16,41 +18,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class QuantizationRecipe(_Strict):
-    """`quantization:` as a mapping in a model entry: the load-time recipe of that model alone."""
+def _recipe_field(s: ModelSetting) -> tuple[Any, Any]:
+    if s.recipe == "method":
+        return not_none(s.type), ...
+    return s.type | None, Field(None, description=s.help, **s.limits)
 
-    method: str
-    bits: int | None = None
-    group_size: int | None = None
-    calib: str | None = None
-    calib_samples: int | None = Field(None, ge=1, le=4096)
+
+class QuantizationRecipe(create_model("_Recipe", __base__=_Strict, **{s.recipe: _recipe_field(s) for s in RECIPE})):
+    """`quantization:` as a mapping in a model entry: the load-time recipe of that model alone (its keys
+    are the quant_* settings of server/model_settings.py without their prefix)."""
 
     def as_settings(self) -> dict[str, Any]:
-        names = {"method": "quantization", "bits": "quant_bits", "group_size": "quant_group_size",
-                 "calib": "calib", "calib_samples": "calib_samples"}
+        names = {s.recipe: s.name for s in RECIPE}
         return {names[k]: v for k, v in self.model_dump(exclude_none=True).items()}
 
 
-class ModelEntry(_Strict):
-    """One served model. Fields left out take the top-level setting of the same name."""
+def _entry_field(s: ModelSetting) -> tuple[Any, Any]:
+    if s.entry_type is not None:
+        return s.entry_type, Field(s.entry_default, description=s.help, **s.limits)
+    tp = not_none(s.type) | QuantizationRecipe if s.recipe == "method" else s.type
+    return tp | None, Field(None, description=s.help, **s.limits)
 
-    name: str = Field(..., pattern=NAME_PATTERN)
-    model: str | None = None
-    engine: Literal["torch", "vllm", "remote"] = "torch"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
-    device: str | None = None
-    quantization: str | QuantizationRecipe | None = None
-    max_model_len: int | None = Field(None, ge=16)
-    max_num_seqs: int | None = Field(None, ge=1, le=1024)
-    max_prefill_tokens: int | None = Field(None, ge=16)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
-    enforce_eager: bool | None = None
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    max_cpu_loras: int | None = Field(None, ge=1)
-    speculative_config: dict[str, Any] | None = None
-    trust_remote_code: bool | None = None
-    generation_config: Literal["auto", "none"] | None = None
+
+# the per-model settings (server/model_settings.py) a `models:` entry may carry; left out: the top-level value
+_PerModelEntry = create_model("_PerModelEntry", __base__=_Strict, name=(str, Field(..., pattern=NAME_PATTERN)), **{
+    s.name: _entry_field(s) for s in MODEL_SETTINGS if s.recipe in (None, "method")})
+
+
+class ModelEntry(_PerModelEntry):
+    """One served model: the per-model settings (inherited above) and what only an entry has."""
+
     # speculative decoding: another entry's name (or a model folder) proposes tokens this model verifies
     draft: str | None = None
     num_speculative_tokens: int = Field(4, ge=1, le=16)

@@ -10,51 +10,35 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
 
 from server.default_model import DEFAULT_MODEL_ID
 from server.errors import ConfigError
 from server.model_config import ModelEntry, QuantizationRecipe, RouterSettings
+from server.model_settings import BY_NAME, MODEL_SETTINGS
 
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "slimserve"
 
 
-class ServeSettings(BaseSettings):
+class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="forbid", protected_namespaces=())
 
-    model: str = Field(DEFAULT_MODEL_ID, description="local model folder, hub id, or the embedded default")
+
+# the per-model settings (server/model_settings.py) at the top level: the single model, or every model's default
+_PerModel = create_model("_PerModel", __base__=_Base, **{
+    s.name: (s.type, Field(s.default, description=s.help, **s.limits)) for s in MODEL_SETTINGS})
+
+
+class ServeSettings(_PerModel):
+    """Every `slimserve serve` setting: the per-model ones (inherited above), then the server's own."""
+
     served_model_name: str | None = Field(None, description="id clients use; defaults to the model's name")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    engine: Literal["torch", "vllm"] = "torch"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    max_model_len: int | None = Field(None, ge=16)
-    max_num_seqs: int = Field(32, ge=1, le=1024, description="sequences decoded together in one batch")
-    max_prefill_tokens: int = Field(8192, ge=16, description="padded prompt tokens admitted per prefill step")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    trust_remote_code: bool = False
-    generation_config: Literal["auto", "none"] = Field(
-        "auto", description="auto: the model folder's generation_config sampling values are the defaults of "
-                            "requests that leave them out (as vLLM); none: slimserve's own (temperature 1)")
-    # vLLM engine options, passed through to vLLM's engine arguments
-    quantization: str | None = Field(None, description="quantize at load: gptq | awq | rtn (calibrated, cached), "
-                                                       "int8 | int4 | nf4, fp8 (GPU); vllm engine: also its own "
-                                                       "names for checkpoints (compressed-tensors ...)")
-    quant_bits: int = Field(4, description="gptq/awq/rtn at load: bits per weight (2, 3, 4 or 8)")
-    quant_group_size: int | None = Field(None, description="gptq/awq/rtn at load: weights per scale, -1 one per "
-                                                           "row; default the largest of 128/64/32 that fits")
-    calib: str = Field("self", min_length=1, description="gptq/awq at load: a .txt/.jsonl file or `self`")
-    calib_samples: int = Field(64, ge=1, le=4096, description="gptq/awq at load: calibration samples")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM (on CPU: share of RAM)")
-    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20, description="vLLM: KV cache size")
-    enforce_eager: bool | None = None
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    max_cpu_loras: int | None = Field(None, ge=1)
-    speculative_config: dict[str, Any] | None = None
     lora: Annotated[list[str], NoDecode] = Field(default_factory=list, description="NAME=PATH adapters, pinned")
     adapter_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_loras: int = Field(8, ge=1, le=1024, description="adapters resident at once")
@@ -108,8 +92,7 @@ class ServeSettings(BaseSettings):
         return value
 
     def vllm_options(self) -> dict[str, Any]:
-        keys = ("quantization", "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager",
-                "tensor_parallel_size", "max_cpu_loras", "speculative_config")
+        keys = [s.name for s in MODEL_SETTINGS if s.vllm]
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @property
@@ -140,8 +123,7 @@ class ServeSettings(BaseSettings):
 
     def for_entry(self, entry: ModelEntry) -> "ServeSettings":
         """The top-level settings with this entry's own fields laid over them (for one engine)."""
-        skip = {"name", "draft", "num_speculative_tokens", "base_url", "api_key_env", "upstream_model", "timeout"}
-        own = {k: v for k, v in entry.model_dump(exclude_unset=True).items() if k not in skip}
+        own = {k: v for k, v in entry.model_dump(exclude_unset=True).items() if k in BY_NAME}
         if isinstance(own.get("quantization"), dict):  # the serve.yaml mapping form: its keys are settings
             own.update(QuantizationRecipe.model_validate(own.pop("quantization")).as_settings())
         own.setdefault("model", self.model)

@@ -53,3 +53,30 @@ def test_cli_fails_fast_naming_the_setting(tmp_path):
     r = subprocess.run([sys.executable, "-m", "server", "serve"], env={"SLIMSERVE_PORT": "abc", "PATH": ""},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "invalid setting 'port'" in r.stderr
+
+
+def test_per_model_settings_are_declared_once(tmp_path):
+    """Every setting of server/model_settings.py is a top-level setting, a field of a `models:` entry (or a
+    key of its `quantization:` mapping) and a serve flag; an entry's own value wins over the top level."""
+    import argparse
+
+    from server import cli
+    from server.model_config import ModelEntry, QuantizationRecipe
+    from server.model_settings import MODEL_SETTINGS
+    from server.settings import ServeSettings
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli._serve_parser(sub)
+    flags = {a.dest for a in sub.choices["serve"]._actions}
+    for s in MODEL_SETTINGS:
+        assert s.name in ServeSettings.model_fields
+        assert (s.recipe in QuantizationRecipe.model_fields) if s.recipe not in (None, "method") \
+            else s.name in ModelEntry.model_fields
+        assert (s.name in flags) == s.flag
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("quant_bits: 3\nmax_num_seqs: 5\nmodels:\n"
+                   "  - {name: a, max_num_seqs: 2, quantization: {method: rtn, bits: 8}}\n  - {name: b}\n")
+    s = load_settings(cfg)
+    a, b = (s.for_entry(e) for e in s.entries())
+    assert (a.quantization, a.quant_bits, a.max_num_seqs, a.model_id) == ("rtn", 8, 2, "a")
+    assert (b.quantization, b.quant_bits, b.max_num_seqs, b.model_id) == (None, 3, 5, "b")
