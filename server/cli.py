@@ -12,6 +12,18 @@ from server.bench import command as bench_command
 from server.errors import ConfigError
 
 
+def _json_mapping(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve models over the OpenAI API",
                        description="Every flag can also be set in the YAML file and as SLIMSERVE_<NAME>.")
@@ -35,6 +47,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--enforce-eager", action="store_true", default=None, help="vllm engine: no graphs/compile")
     p.add_argument("--tensor-parallel-size", type=int, help="vllm engine")
     p.add_argument("--max-cpu-loras", type=int, help="vllm engine: adapters cached in CPU memory")
+    p.add_argument("--speculative-config", type=_json_mapping,
+                   help='speculative decoding as in vLLM, JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt lookup: both engines; other '
+                        'methods: vllm engine)')
     p.add_argument("--dtype", help="auto | bfloat16 | float16 | float32")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max-model-len", type=int)
