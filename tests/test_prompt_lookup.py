@@ -12,7 +12,7 @@ import pytest
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.speculation_config import NgramConfig, ngram_config, vllm_speculative_config
 from server.engines.torch.engine import TorchEngine
-from server.engines.torch.prompt_lookup import NgramIndex, RowDraft
+from server.engines.torch.prompt_lookup import NgramIndex, RowDraft, StepCost
 from server.errors import ConfigError
 from tests.tiny_model import build_tiny_model
 
@@ -67,9 +67,18 @@ def _model(folder, attention: float):
     return path
 
 
+class _FreeTokens(StepCost):
+    """Extra tokens in a forward cost nothing: every draft is checked whole (the cost-based width would
+    skip most drafts of these low-acceptance models, and these tests are about exactness)."""
+
+    def ratio(self) -> float:
+        return 0.0
+
+
 def _pair(path):
     plain = TorchEngine.load("tiny", path, dtype="float32")
     lookup = TorchEngine.load("tiny", path, dtype="float32", lookup=LOOKUP)
+    lookup._scheduler.step_cost = _FreeTokens()
     for engine in (plain, lookup):
         asyncio.run(engine.start())
     return plain, lookup
@@ -181,3 +190,17 @@ def test_settings_and_factory_refuse_other_methods_on_torch(tiny_model_dir):
                              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     engine = build_engines(settings)[settings.model_id]
     assert engine._scheduler.lookup == NgramConfig(3, 4, 2)
+
+
+def test_width_follows_cost_and_acceptance():
+    from server.engines.torch.prompt_lookup import choose_width
+
+    drafts = [[1, 2, 3, 4]] * 2
+    assert choose_width(drafts, [0.9, 0.9], ratio=0.0) == 4  # free extra tokens: the whole draft
+    assert choose_width(drafts, [0.3, 0.3], ratio=1.0) == 0  # costly tokens, poor drafts: none
+    assert choose_width(drafts, [0.9, 0.9], ratio=1.0) == 2  # good drafts pay even so, up to a point
+    assert choose_width([[1, 2, 3, 4]] + [[]] * 15, [0.9] + [0.0] * 15, ratio=1 / 32) == 0  # one row of 16
+    cost = StepCost()
+    for n, t in [(1, 0.05), (5, 0.06), (16, 0.08), (80, 0.21), (1, 0.05), (16, 0.08)]:
+        cost.observe(n, t)
+    assert 0.03 < cost.ratio() < 0.05  # a = 0.048, b = 0.002

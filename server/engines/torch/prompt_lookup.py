@@ -8,7 +8,9 @@ have produced, plus the model's own next token, so greedy output is unchanged.
 How many tokens a row proposes follows its measured acceptance: all accepted -> one more (up to
 num_speculative_tokens), some rejected -> as many as were accepted plus one. A row whose acceptance
 stays low stops proposing, and retries after a cool-down that doubles each time it fails again, so
-speculation costs next to nothing where the text does not repeat. Pure Python, no torch.
+speculation costs next to nothing where the text does not repeat. The batch is one dense forward, so
+every row pays for the widest draft: `StepCost` times the engine's forwards and `choose_width` cuts
+the drafts to the width with the most expected tokens per second. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class RowDraft:
     backoff: int = _COOLDOWN
     proposed: int = 0
     accepted: int = 0
+    p: float = 0.6  # estimated chance that the model accepts the next draft token
+    _hits: float = 0.0
+    _tries: float = 0.0
 
     def __post_init__(self) -> None:
         self.index = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
@@ -87,6 +92,9 @@ class RowDraft:
         self.proposed += proposed
         self.accepted += accepted
         self.trials += 1
+        self._hits = 0.8 * self._hits + accepted  # tokens tested: the accepted ones and the first rejected
+        self._tries = 0.8 * self._tries + accepted + (accepted < proposed)
+        self.p = (self._hits + 0.6) / (self._tries + 1.0)
         self.rate = (1 - _EMA) * self.rate + _EMA * (accepted / proposed)
         if accepted == proposed:
             self.k = min(self.config.num_speculative_tokens, self.k + 1)
@@ -97,3 +105,47 @@ class RowDraft:
             self.backoff = min(self.backoff * 2, 1024)
         elif accepted:
             self.backoff = _COOLDOWN
+
+
+class StepCost:
+    """Seconds per forward as a + b * tokens, fitted online (exponentially weighted least squares) from
+    the engine's own decode and draft steps; a prior holds until the steps have varied enough."""
+
+    def __init__(self, prior_ratio: float = 1 / 32, decay: float = 0.98):
+        self.prior_ratio = prior_ratio  # b / a before any fit: 32 tokens in a forward cost twice one
+        self.decay = decay
+        self._s = [0.0] * 5  # weights, sum n, sum t, sum n*n, sum n*t
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        w, sn, st, snn, snt = (x * d for x in self._s)
+        self._s = [w + 1, sn + tokens, st + seconds, snn + tokens * tokens, snt + tokens * seconds]
+
+    def ratio(self) -> float:
+        """b / a: the cost of one more token in a forward, relative to a forward's fixed cost."""
+        w, sn, st, snn, snt = self._s
+        var = w * snn - sn * sn
+        if w < 4 or var <= (0.5 * w) ** 2:  # too few steps, or too little spread in their sizes
+            return self.prior_ratio
+        b = (w * snt - sn * st) / var
+        a = (st - b * sn) / w
+        if b <= 0:
+            return 0.0
+        if a <= 0:
+            return 1.0
+        return b / a
+
+
+def choose_width(drafts: list[list[int]], chances: list[float], ratio: float) -> int:
+    """The number of draft tokens per row (0..longest) that maximises expected tokens per unit of
+    forward cost, 1 + ratio * rows * (1 + width); each row's draft token j is accepted with chance p^j."""
+    rows = len(drafts)
+    longest = max(len(d) for d in drafts)
+    best, best_rate = 0, rows / (1 + ratio * rows)
+    expected = float(rows)
+    for width in range(1, longest + 1):
+        expected += sum(p ** width for d, p in zip(drafts, chances) if len(d) >= width)
+        rate = expected / (1 + ratio * rows * (1 + width))
+        if rate > best_rate:
+            best, best_rate = width, rate
+    return best

@@ -22,7 +22,7 @@ from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.torch.acceptance import TokenAcceptor
 from server.engines.speculation_config import NgramConfig
 from server.engines.torch.admission import Admission
-from server.engines.torch.prompt_lookup import RowDraft, eligible as lookup_eligible
+from server.engines.torch.prompt_lookup import RowDraft, StepCost, choose_width, eligible as lookup_eligible
 from server.engines.torch.runner import ModelRunner
 from server.engines.torch.sampling import Picked, RowState, pick_tokens, score_prompt
 from server.errors import EngineError, Overloaded
@@ -75,6 +75,7 @@ class BatchScheduler:
         self.aborted = 0  # sequences stopped early because their client went away
         self.lookup = lookup  # prompt-lookup speculation, when configured
         self.spec = SpecCounts()
+        self.step_cost = StepCost()  # forward seconds vs tokens, for the draft width
 
     # ---- called from the event loop -------------------------------------------------------------
     def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None, matcher=None) -> None:
@@ -213,9 +214,15 @@ class BatchScheduler:
         self._route_adapters(rows)
         drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
         if any(drafts):
+            width = choose_width(drafts, [s.draft.p if s.draft else 0.0 for s in rows], self.step_cost.ratio())
+            drafts = [d[:width] for d in drafts]
+        if any(drafts):
             self._decode_drafts(rows, drafts)
             return
+        started = time.perf_counter()
         logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows])
+        if self.lookup is not None:
+            self.step_cost.observe(len(rows), time.perf_counter() - started)
         self._accept(rows, self._pick(logits.float(), rows))
 
     @staticmethod
@@ -231,8 +238,10 @@ class BatchScheduler:
         would accept it: sampling.pick_tokens, acceptance.py) while the model's token there equals the
         draft's; the first disagreement is the model's own token, so the output is unchanged."""
         fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
+        started = time.perf_counter()
         logits = self.runner.verify(fed, [s.position for s in rows])
         width = logits.shape[1]
+        self.step_cost.observe(len(rows) * width, time.perf_counter() - started)
         kept = [1] * len(rows)  # fed columns each row keeps in the cache: its last token + accepted drafts
         alive = list(range(len(rows)))
         for j in range(width):
