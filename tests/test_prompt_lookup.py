@@ -204,3 +204,48 @@ def test_width_follows_cost_and_acceptance():
     for n, t in [(1, 0.05), (5, 0.06), (16, 0.08), (80, 0.21), (1, 0.05), (16, 0.08)]:
         cost.observe(n, t)
     assert 0.03 < cost.ratio() < 0.05  # a = 0.048, b = 0.002
+
+
+def test_vllm_ngram_gives_the_same_greedy_text(tmp_path):
+    """vLLM's own ngram proposer (speculative_config passed through), on the CPU build: greedy text equals
+    transformers' greedy text, and its draft counters reach slimserve's metrics."""
+    import os
+
+    import httpx
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import ServerProcess, vllm_available
+
+    if not vllm_available():
+        if os.environ.get("SLIMSERVE_REQUIRE_VLLM"):
+            pytest.fail("SLIMSERVE_REQUIRE_VLLM is set but vllm is not installed")
+        pytest.skip("vllm is not installed")
+    path = _model(tmp_path / "model", 0.0)  # the bigram model: its greedy text repeats, drafts are accepted
+    config = {"dtype": "float32", "models": [{
+        "name": "tiny", "model": str(path), "engine": "vllm", "kv_cache_memory_bytes": 256 << 20,
+        "gpu_memory_utilization": 0.1, "enforce_eager": True,
+        "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}}]}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    server = ServerProcess(["--config", str(tmp_path / "serve.yaml")], env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+                           log_path=tmp_path / "server.log")
+    try:
+        server.wait_ready(300)
+        assert "ngram" in (tmp_path / "server.log").read_text()
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        for prompt, _ in ROWS[:3]:
+            got = httpx.post(f"{server.base_url}/v1/completions", timeout=120, json={
+                "model": "tiny", "prompt": prompt, "max_tokens": 30, "temperature": 0, "ignore_eos": True,
+            }).json()["choices"][0]["text"]
+            ids = tok(prompt, return_tensors="pt").input_ids
+            ref = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, min_new_tokens=30)
+            want = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+            assert got.rstrip("\ufffd") == want.rstrip("\ufffd")  # vLLM holds back a last half character
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        accepted = [float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("slimserve_spec_decode_num_accepted_tokens_total")]
+        assert accepted and accepted[0] > 0
+    finally:
+        server.stop()

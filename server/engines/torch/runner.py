@@ -68,7 +68,7 @@ class ModelRunner:
         for i, (r, p) in enumerate(zip(rows, positions)):
             ids[i, :len(r)] = torch.tensor(r)
             fed[i, :len(r)] = 1
-            pos[i] = torch.arange(p, p + width)
+            pos[i] = torch.arange(p, p + width).clamp(max=p + len(r) - 1)  # padding never past the context
         self.mask = torch.cat([self.mask, fed.to(self.device)], dim=1)
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask, position_ids=pos.to(self.device),
                          past_key_values=self.cache, use_cache=True)
