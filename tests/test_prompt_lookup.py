@@ -249,3 +249,16 @@ def test_vllm_ngram_gives_the_same_greedy_text(tmp_path):
         assert accepted and accepted[0] > 0
     finally:
         server.stop()
+
+
+def test_draft_counters_reach_metrics():
+    from server.engines.base import EngineStats
+    from server.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.render({"m": EngineStats(running=0, waiting=0, spec_drafts=2, spec_draft_tokens=7, spec_accepted_tokens=5)})
+    text = metrics.render({"m": EngineStats(running=0, waiting=0, spec_drafts=3, spec_draft_tokens=9,
+                                            spec_accepted_tokens=6)}).decode()
+    assert 'slimserve_spec_decode_num_drafts_total{model="m"} 3.0' in text
+    assert 'slimserve_spec_decode_num_draft_tokens_total{model="m"} 9.0' in text
+    assert 'slimserve_spec_decode_num_accepted_tokens_total{model="m"} 6.0' in text
