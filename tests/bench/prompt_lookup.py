@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=FIGURES / "prompt_lookup_smollm2.json")
     args = ap.parse_args(argv)
     cpu = cpu_model()
-    print(f"CPU: {cpu}")
+    load_before = os.getloadavg()
+    print(f"CPU: {cpu}; load average {load_before[0]:.2f}")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     width = max(concurrencies)
     sets = {"grounded": grounded_prompts(max(width, args.c1_prompts)), "open": OPEN[:max(width, args.c1_prompts)]}
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = asyncio.run(run())
     result = {"model": args.model, "cpu": cpu, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "speculative_config": json.loads(args.speculative_config), "c1_prompts": args.c1_prompts,
-              "rounds": args.rounds, "runs": runs}
+              "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+              "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
