@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 from server import cli_compress
@@ -11,6 +12,18 @@ from server import env_report
 from server.bench import command as bench_command
 from server.errors import ConfigError
 from server.model_settings import MODEL_SETTINGS, not_none
+
+
+def _json_mapping(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _serve_parser(sub) -> None:
@@ -53,6 +66,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_true", default=None, help=s.help)
             continue
         shown = s.default not in (None, False) and "default" not in s.help
+        if typing.get_origin(kind) is dict or kind is dict:  # a mapping, given as JSON on the command line
+            p.add_argument(flag, type=_json_mapping, help=s.help)
+            continue
         p.add_argument(flag, type=kind if kind in (int, float) else str,
                        help=f"{s.help} (default: {s.default})" if shown else s.help)
 

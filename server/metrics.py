@@ -84,6 +84,13 @@ class Metrics:
                                    ["model", "stage"], registry=r)
         self.kv_bytes = Gauge("slimserve_kv_cache_bytes", "Bytes of KV cache the cached tokens occupy (vLLM: its "
                               "usage share of the pool it reserved).", ["model"], registry=r)
+        self.spec_drafts = Counter("slimserve_spec_decode_num_drafts", "Speculative decoding: drafts the model "
+                                   "checked (as vllm:spec_decode_num_drafts).", ["model"], registry=r)
+        self.spec_draft_tokens = Counter("slimserve_spec_decode_num_draft_tokens", "Speculative decoding: tokens "
+                                         "proposed (prompt lookup or a draft model).", ["model"], registry=r)
+        self.spec_accepted_tokens = Counter("slimserve_spec_decode_num_accepted_tokens", "Speculative decoding: "
+                                            "proposed tokens the model accepted.", ["model"], registry=r)
+        self._seen_spec: dict[str, tuple[int, int, int]] = {}
         self.gpu_memory = GpuMemory(r)  # no series at all where no GPU exists
         self._process = psutil.Process(os.getpid())
 
@@ -152,6 +159,12 @@ class Metrics:
             self.kv_bytes.labels(model).set(s.kv_cache_bytes)
             self.preemptions.labels(model).inc(max(0, s.preemptions - self._seen_preemptions.get(model, 0)))
             self._seen_preemptions[model] = s.preemptions
+            seen = self._seen_spec.get(model, (0, 0, 0))
+            now = (s.spec_drafts, s.spec_draft_tokens, s.spec_accepted_tokens)
+            for counter, before, after in zip((self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens),
+                                              seen, now):
+                counter.labels(model).inc(max(0, after - before))
+            self._seen_spec[model] = now
         self.lora_info.clear()
         for model, s in engines.items():
             self.lora_info.labels(model, str(s.running_adapters), str(s.waiting_adapters), str(max_loras)).set(1)

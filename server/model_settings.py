@@ -64,8 +64,10 @@ MODEL_SETTINGS: tuple[ModelSetting, ...] = (
     ModelSetting("tensor_parallel_size", int | None, None, "vllm engine", limits={"ge": 1}, vllm=True),
     ModelSetting("max_cpu_loras", int | None, None, "vllm engine: adapters cached in CPU memory",
                  limits={"ge": 1}, vllm=True),
-    ModelSetting("speculative_config", dict[str, Any] | None, None, "vllm engine: its speculative_config",
-                 vllm=True, flag=False),
+    ModelSetting("speculative_config", dict[str, Any] | None, None,
+                 'speculative decoding as in vLLM, JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                 '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt lookup: both engines; other methods: '
+                 'vllm engine)', vllm=True),
     ModelSetting("trust_remote_code", bool, False, "run code shipped in the model folder"),
     ModelSetting("generation_config", Literal["auto", "none"], "auto",
                  "auto: the model folder's generation_config sampling values are the defaults of requests that "

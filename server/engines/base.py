@@ -107,6 +107,9 @@ class EngineStats:
     preemptions: int = 0  # cumulative
     running_adapters: int = 0  # running requests that use an adapter
     waiting_adapters: int = 0
+    spec_drafts: int = 0  # cumulative, speculative decoding: drafts checked
+    spec_draft_tokens: int = 0  # cumulative: tokens proposed
+    spec_accepted_tokens: int = 0  # cumulative: proposed tokens the model accepted
 
 
 @dataclass(frozen=True)

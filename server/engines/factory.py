@@ -8,6 +8,7 @@ from pathlib import Path
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import Engine
 from server.engines.generation_defaults import sampling_defaults
+from server.engines.speculation_config import ngram_config, vllm_speculative_config
 from server.errors import ConfigError
 from server.load_progress import LoadProgress
 from server.quantize_at_load import check as check_quantization, quantized_path, wants_quantizing
@@ -55,6 +56,7 @@ def build_engines(settings: ServeSettings, progress: LoadProgress | None = None)
         sources[entry.name] = resolve_model_path(local)
         if wants_quantizing(local, sources[entry.name]):
             check_quantization(local, sources[entry.name], lora=_lora_enabled(local))
+        check_speculative(local, f"models.{entry.name}.speculative_config" if settings.models else "speculative_config")
     for entry in entries:
         if entry.engine == "remote":
             from server.engines.remote import RemoteEngine
@@ -84,6 +86,20 @@ def build_engines(settings: ServeSettings, progress: LoadProgress | None = None)
     return engines
 
 
+def check_speculative(settings: ServeSettings, setting: str) -> None:
+    """speculative_config refused at start where this engine cannot run it (named in the message)."""
+    if not settings.speculative_config:
+        return
+    if settings.engine == "torch":
+        ngram_config(settings.speculative_config, setting)
+    else:
+        from server.engines.vllm_kernels import speculative_unsupported
+
+        why = speculative_unsupported(vllm_speculative_config(settings.speculative_config))
+        if why:
+            raise ConfigError(setting, why)
+
+
 def _lora_enabled(settings: ServeSettings) -> bool:
     return bool(settings.lora or settings.adapter_roots or settings.admin_key)
 
@@ -99,22 +115,25 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         if draft:  # vLLM's draft-model speculative decoding
             options["speculative_config"] = {"method": "draft_model", "model": draft,
                                              "num_speculative_tokens": num_speculative_tokens}
+        elif settings.speculative_config:  # ngram (prompt lookup) with slimserve's defaults, others as given
+            options["speculative_config"] = vllm_speculative_config(settings.speculative_config)
         return VLLMEngine.load(
             settings.model_id, path, dtype=settings.dtype, max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             options=options, trust_remote_code=settings.trust_remote_code,
             enable_lora=_lora_enabled(settings),
         )
-    vllm_only = {k for k in settings.vllm_options() if k != "quantization"}
+    vllm_only = {k for k in settings.vllm_options() if k not in ("quantization", "speculative_config")}
     if vllm_only:
         raise ConfigError(sorted(vllm_only)[0], "this setting applies to the vllm engine only")
     from server.engines.torch.engine import TorchEngine
 
+    lookup = ngram_config(settings.speculative_config)  # refused here, before loading, unless method ngram
     engine = TorchEngine.load(
         settings.model_id, path, dtype=settings.dtype, device=settings.device,
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
         max_prefill_tokens=settings.max_prefill_tokens, trust_remote_code=settings.trust_remote_code,
-        quantization=settings.quantization,
+        quantization=settings.quantization, lookup=lookup,
     )
     if draft:
         engine.attach_draft(draft, num_speculative_tokens)

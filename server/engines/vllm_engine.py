@@ -35,6 +35,7 @@ class _Stats:
         self.preemptions = 0
         self.running_loras: dict[str, int] = {}
         self.waiting_loras: dict[str, int] = {}
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0  # cumulative
 
 
 def _stat_logger_factory(stats: _Stats):
@@ -51,6 +52,11 @@ def _stat_logger_factory(stats: _Stats):
                 stats.kv_usage = scheduler_stats.kv_cache_usage
                 stats.running_loras = dict(scheduler_stats.running_lora_adapters)
                 stats.waiting_loras = dict(scheduler_stats.waiting_lora_adapters)
+                spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+                if spec is not None:
+                    stats.spec_drafts += spec.num_drafts
+                    stats.spec_draft_tokens += spec.num_draft_tokens
+                    stats.spec_accepted_tokens += spec.num_accepted_tokens
             if iteration_stats is not None:
                 stats.preemptions += getattr(iteration_stats, "num_preempted_reqs", 0)
 
@@ -281,7 +287,8 @@ class VLLMEngine(HFTokenizing):
         return EngineStats(running=s.running, waiting=s.waiting, kv_cache_usage=s.kv_usage, kv_cache_tokens=tokens,
                            kv_cache_bytes=tokens * self.kv_token_bytes, aborted=self.aborted,
                            preemptions=s.preemptions, running_adapters=sum(s.running_loras.values()),
-                           waiting_adapters=sum(s.waiting_loras.values()))
+                           waiting_adapters=sum(s.waiting_loras.values()), spec_drafts=s.spec_drafts,
+                           spec_draft_tokens=s.spec_draft_tokens, spec_accepted_tokens=s.spec_accepted_tokens)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

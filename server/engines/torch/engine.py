@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from adapters.loader import check_finite
 from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest
 from server.engines.adapter_slots import AdapterSlots
+from server.engines.speculation_config import NgramConfig
 from server.engines.torch.dtype_choice import DtypeChoice, choose_dtype
 from server.engines.torch.lora import LoRAManager
 from server.engines.torch.scheduler import BatchScheduler
@@ -41,7 +43,8 @@ class TorchEngine(HFTokenizing):
     capabilities = EngineCapabilities(local=True, adapters=True, tokenizer=True)
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None,
-                 dtype_choice: DtypeChoice | None = None, quantization_kernel: str | None = None):
+                 dtype_choice: DtypeChoice | None = None, quantization_kernel: str | None = None,
+                 lookup: NgramConfig | None = None):
         from compress.load_time import weight_bytes
 
         self.model_id = model_id
@@ -69,13 +72,14 @@ class TorchEngine(HFTokenizing):
         self._scheduler = BatchScheduler(
             model, tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens, device=device, pad_id=pad, lora=self.lora,
-            slots=self.adapter_slots,
+            slots=self.adapter_slots, lookup=lookup,
         )
 
     @classmethod
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", device: str = "auto",
              max_model_len: int | None = None, max_num_seqs: int = 32, max_prefill_tokens: int = 8192,
-             trust_remote_code: bool = False, quantization: str | None = None) -> "TorchEngine":
+             trust_remote_code: bool = False, quantization: str | None = None,
+             lookup: NgramConfig | None = None) -> "TorchEngine":
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
@@ -123,7 +127,7 @@ class TorchEngine(HFTokenizing):
                  choice.reason)
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method,
-                   dtype_choice=choice, quantization_kernel=kernel)
+                   dtype_choice=choice, quantization_kernel=kernel, lookup=lookup)
 
     def attach_draft(self, path: str, num_tokens: int) -> None:
         from server.engines.torch.speculative import SpeculativeDecoder, load_draft
@@ -154,20 +158,9 @@ class TorchEngine(HFTokenizing):
             if slot is not None:
                 self.adapter_slots.release(slot)
             raise
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the consumer went away (client disconnect): stop generating
-                self._scheduler.abort(request.request_id)
+        async with aclosing(_drain(queue, lambda: self._scheduler.abort(request.request_id))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _grammars(self):
         if self._grammar_compiler is None:
@@ -194,6 +187,10 @@ class TorchEngine(HFTokenizing):
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         aborted = False
 
+        def abort() -> None:
+            nonlocal aborted
+            aborted = True  # read by the stopping criterion between speculation rounds
+
         def emit(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
@@ -203,21 +200,9 @@ class TorchEngine(HFTokenizing):
 
         job = asyncio.wrap_future(self._scheduler.call(run))
         job.add_done_callback(lambda f: not f.cancelled() and f.exception() and emit(f.exception()))
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item if isinstance(item, APIError) else EngineError(
-                        f"generation failed: {type(item).__name__}: {item}")
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                aborted = True  # read by the stopping criterion between speculation rounds
+        async with aclosing(_drain(queue, abort)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     # ---- adapters (the registry's backend) ------------------------------------------------------
     def base_shapes(self) -> dict[str, tuple[int, int]]:
@@ -247,13 +232,35 @@ class TorchEngine(HFTokenizing):
         budget = self._scheduler.max_num_seqs * self.max_model_len  # KV rows x context
         return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, kv_cache_usage=min(1.0, kv / budget),
                            kv_cache_bytes=self._scheduler.runner.kv_bytes(), aborted=self._scheduler.aborted,
-                           running_adapters=self._scheduler.running_with_adapters())
+                           running_adapters=self._scheduler.running_with_adapters(),
+                           spec_drafts=self._scheduler.spec.drafts, spec_draft_tokens=self._scheduler.spec.proposed,
+                           spec_accepted_tokens=self._scheduler.spec.accepted)
 
     async def start(self) -> None:
         self._scheduler.start()
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._scheduler.stop)
+
+
+async def _drain(queue: asyncio.Queue, abort) -> AsyncIterator[Chunk]:
+    """Chunks from the engine thread until the finishing one; an error it sent is raised (as an
+    APIError: a 500 names the cause); `abort()` runs when the consumer leaves first (client gone)."""
+    finished = False
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item if isinstance(item, APIError) else EngineError(
+                    f"generation failed: {type(item).__name__}: {item}")
+            finished = item.finish_reason is not None
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            abort()
 
 
 def _param_dtype(model) -> torch.dtype:

@@ -64,6 +64,21 @@ class SlotLayer(DynamicLayer):
             self._v = self._v.index_select(0, indices)
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+    def truncate(self, length: int) -> None:
+        """Forget every column from `length` on (a draft's rejected tokens); capacity is kept."""
+        if self._k is not None and length < self.length:
+            self.length = length
+            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+    def gather(self, columns: torch.Tensor) -> None:
+        """Keep, for each row b, the columns columns[b] (in that order): [batch, new length]."""
+        if self._k is None:
+            return
+        index = columns[:, None, :, None]
+        keys = torch.gather(self.keys, 2, index.expand(-1, self.keys.shape[1], -1, self.keys.shape[-1]))
+        values = torch.gather(self.values, 2, index.expand(-1, self.values.shape[1], -1, self.values.shape[-1]))
+        self.set(keys, values, spare=max(64, keys.shape[-2] // 2))
+
     def drop_front(self, columns: int) -> None:
         """Forget the first `columns` positions (padding that no remaining row needs)."""
         if columns <= 0 or self._k is None:
@@ -84,6 +99,14 @@ class BatchCache(Cache):
     def select(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
             layer.batch_select_indices(indices)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
+
+    def gather(self, columns: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.gather(columns)
 
     def drop_front(self, columns: int) -> None:
         for layer in self.layers:

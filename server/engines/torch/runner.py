@@ -18,6 +18,7 @@ class ModelRunner:
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.cache: BatchCache | None = None
         self.mask: torch.Tensor | None = None
+        self.compactions = 0  # holes left by rejected drafts squeezed out (a test reads it)
 
     def kv_tokens(self, rows: int) -> int:
         return 0 if self.cache is None else self.cache.length * rows
@@ -55,6 +56,47 @@ class ModelRunner:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
                          use_cache=True)
         return out.logits[:, -1, :]
+
+    def verify(self, rows: list[list[int]], positions: list[int]) -> torch.Tensor:
+        """One step that feeds each row its last token and its draft (prompt lookup): logits [rows, width,
+        vocab] at every fed position. Shorter rows are right-padded (masked); `settle` then keeps, per
+        row, only the columns of the tokens it accepted."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        fed = torch.zeros((len(rows), width), dtype=self.mask.dtype)
+        pos = torch.empty((len(rows), width), dtype=torch.long)
+        for i, (r, p) in enumerate(zip(rows, positions)):
+            ids[i, :len(r)] = torch.tensor(r)
+            fed[i, :len(r)] = 1
+            pos[i] = torch.arange(p, p + width).clamp(max=p + len(r) - 1)  # padding never past the context
+        self.mask = torch.cat([self.mask, fed.to(self.device)], dim=1)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask, position_ids=pos.to(self.device),
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits
+
+    def settle(self, kept: list[int], width: int) -> None:
+        """After `verify`: row i keeps the first kept[i] of the `width` columns it was fed; the cache
+        shrinks to the longest row's, other rows' rejected columns stay as masked holes (compacted later)."""
+        longest = max(kept)
+        start = self.mask.shape[1] - width
+        columns = torch.arange(width, device=self.device)[None, :] < torch.tensor(kept, device=self.device)[:, None]
+        self.mask[:, start:] = columns.to(self.mask.dtype)
+        self.mask = self.mask[:, :start + longest]
+        self.cache.truncate(start + longest)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop masked holes once they are a quarter of the cache: each row's live columns are packed to
+        the right (left padding), positions unchanged (they were applied when the keys were written)."""
+        length = self.mask.shape[1]
+        live = self.mask.sum(1)
+        widest = int(live.max())
+        if length - widest < max(_TRIM_MIN_COLUMNS, length // 4):
+            return
+        order = torch.argsort(self.mask, dim=1, stable=True)[:, length - widest:]  # live columns, in order, right
+        self.cache.gather(order)
+        self.mask = torch.gather(self.mask, 1, order)
+        self.compactions += 1
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (indices into the batch); columns left holding only padding are dropped."""

@@ -2,7 +2,8 @@
 
 Each loop: run queued jobs, admit waiting requests (admission.py), prefill them together and merge
 their KV rows into the running batch (runner.py), then run one decode step for every running
-sequence and accept each row's token (acceptance.py). Finished and aborted sequences leave the batch
+sequence and accept each row's token (acceptance.py). With prompt lookup on (prompt_lookup.py), the
+step also feeds each greedy row its draft and accepts, per row, the tokens the model agrees with. Finished and aborted sequences leave the batch
 between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
 """
 
@@ -19,7 +20,9 @@ import torch
 
 from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.torch.acceptance import TokenAcceptor
+from server.engines.speculation_config import NgramConfig
 from server.engines.torch.admission import Admission
+from server.engines.torch.prompt_lookup import RowDraft, StepCost, choose_width, eligible as lookup_eligible
 from server.engines.torch.runner import ModelRunner
 from server.engines.torch.sampling import Picked, RowState, pick_tokens, score_prompt
 from server.errors import EngineError, Overloaded
@@ -38,6 +41,7 @@ class Sequence:
     done: bool = False
     slot: int | None = None  # LoRA slot, held from submit to finish
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
+    draft: RowDraft | None = None  # prompt lookup, for rows it applies to
 
     @property
     def prompt_len(self) -> int:
@@ -51,7 +55,8 @@ class Sequence:
 
 class BatchScheduler:
     def __init__(self, model, tokenizer, *, eos_ids: set[int], max_model_len: int, max_num_seqs: int,
-                 max_prefill_tokens: int, device: torch.device, pad_id: int, lora=None, slots=None):
+                 max_prefill_tokens: int, device: torch.device, pad_id: int, lora=None, slots=None,
+                 lookup: NgramConfig | None = None):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
@@ -68,6 +73,9 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.aborted = 0  # sequences stopped early because their client went away
+        self.lookup = lookup  # prompt-lookup speculation, when configured
+        self.spec = SpecCounts()
+        self.step_cost = StepCost()  # forward seconds vs tokens, for the draft width
 
     # ---- called from the event loop -------------------------------------------------------------
     def submit(self, req: GenerationRequest, emit: Emit, slot: int | None = None, matcher=None) -> None:
@@ -78,6 +86,8 @@ class BatchScheduler:
         seq = Sequence(req=req, emit=emit, row=RowState(req.params, gen, [], list(req.prompt_token_ids), matcher),
                        acceptor=TokenAcceptor(self.tokenizer, req.params, self.eos_ids, len(req.prompt_token_ids),
                                               self.max_model_len), slot=slot)
+        if self.lookup is not None and lookup_eligible(req.params):
+            seq.draft = RowDraft(self.lookup)
         if self._thread is not None and not self._thread.is_alive():
             raise Overloaded("the engine is not running; the server needs a restart", code="engine_dead")
         if self.queue.stopping:
@@ -202,8 +212,55 @@ class BatchScheduler:
         rows = self._rows
         self._inject(rows, "step")
         self._route_adapters(rows)
+        drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
+        if any(drafts):
+            width = choose_width(drafts, [s.draft.p if s.draft else 0.0 for s in rows], self.step_cost.ratio())
+            drafts = [d[:width] for d in drafts]
+        if any(drafts):
+            self._decode_drafts(rows, drafts)
+            return
+        started = time.perf_counter()
         logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows])
+        if self.lookup is not None:
+            self.step_cost.observe(len(rows), time.perf_counter() - started)
         self._accept(rows, self._pick(logits.float(), rows))
+
+    @staticmethod
+    def _propose(seq: Sequence) -> list[int]:
+        if seq.draft is None or seq.done or seq.aborted:
+            return []
+        a = seq.acceptor
+        room = min(a.max_tokens, a.room) - a.generated - 1  # the step also yields the model's own next token
+        return seq.draft.propose(seq.row.prompt_ids + seq.row.output_ids, room)
+
+    def _decode_drafts(self, rows: list[Sequence], drafts: list[list[int]]) -> None:
+        """One step that checks every row's draft: position j of row i is accepted (as a plain decode step
+        would accept it: sampling.pick_tokens, acceptance.py) while the model's token there equals the
+        draft's; the first disagreement is the model's own token, so the output is unchanged."""
+        fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
+        started = time.perf_counter()
+        logits = self.runner.verify(fed, [s.position for s in rows])
+        width = logits.shape[1]
+        self.step_cost.observe(len(rows) * width, time.perf_counter() - started)
+        kept = [1] * len(rows)  # fed columns each row keeps in the cache: its last token + accepted drafts
+        alive = list(range(len(rows)))
+        for j in range(width):
+            now = [i for i in alive if j < len(fed[i])]
+            if not now:
+                break
+            seqs = [rows[i] for i in now]
+            picked = self._pick(logits[now, j].float(), seqs)
+            self._accept(seqs, picked)
+            alive = []
+            for i, token in zip(now, picked.tokens):
+                if not (rows[i].done or rows[i].aborted) and j < len(drafts[i]) and token == drafts[i][j]:
+                    kept[i] = j + 2
+                    alive.append(i)
+        for seq, draft, k in zip(rows, drafts, kept):
+            if draft:
+                seq.draft.observe(len(draft), k - 1)
+                self.spec.add(len(draft), k - 1)
+        self.runner.settle(kept, width)
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> Picked:
         """Sample the batch; if that fails, sample row by row and fail only the rows that fail."""
@@ -315,6 +372,20 @@ class BatchScheduler:
         self._rows = [s for s in self._rows if id(s) not in failed]
         if not self._rows:
             self.runner.clear()
+
+
+@dataclass
+class SpecCounts:
+    """Prompt lookup so far (cumulative; read by EngineStats): drafts checked, tokens proposed, accepted."""
+
+    drafts: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def add(self, proposed: int, accepted: int) -> None:
+        self.drafts += 1
+        self.proposed += proposed
+        self.accepted += accepted
 
 
 def _scores_prompt(seq: Sequence) -> bool:

@@ -1,0 +1,68 @@
+"""`speculative_config` as slimserve reads it: vLLM's own mapping (method, num_speculative_tokens,
+prompt_lookup_max, prompt_lookup_min), so one serve.yaml entry means the same on both engines.
+
+The vLLM engine passes the mapping through to vLLM; the PyTorch engine runs the `ngram` method itself
+(prompt lookup, server/engines/torch/prompt_lookup.py) and refuses every other method at start.
+No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import ConfigError
+
+SETTING = "speculative_config"
+_NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+
+
+@dataclass(frozen=True)
+class NgramConfig:
+    """Prompt lookup: a draft is the tokens that followed the latest earlier occurrence of the text's
+    last n tokens (n from prompt_lookup_max down to prompt_lookup_min), at most num_speculative_tokens."""
+
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+
+def ngram_config(raw: dict[str, Any] | None, setting: str = SETTING) -> NgramConfig | None:
+    """The PyTorch engine's reading of speculative_config: None when absent; ConfigError naming the key
+    for anything it cannot run (other methods, unknown keys, bad numbers)."""
+    if not raw:
+        return None
+    method = raw.get("method") or raw.get("model")
+    if method not in ("ngram", "[ngram]"):
+        raise ConfigError(f"{setting}.method", f"the torch engine runs method 'ngram' (prompt lookup) only; got "
+                                               f"{method!r} (a draft model is configured with `draft:`)")
+    unknown = sorted(set(raw) - _NGRAM_KEYS - ({"model"} if "model" in raw else set()))
+    if unknown:
+        raise ConfigError(f"{setting}.{unknown[0]}", f"not an ngram setting; known: {sorted(_NGRAM_KEYS)}")
+    values = {}
+    for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+            raise ConfigError(f"{setting}.{key}", f"must be an integer from 1 to 32; got {value!r}")
+        values[key] = value
+    if "prompt_lookup_max" in values and "prompt_lookup_min" not in values:  # as vLLM fills in the other one
+        values["prompt_lookup_min"] = min(values["prompt_lookup_max"], NgramConfig.prompt_lookup_min)
+    if "prompt_lookup_min" in values and "prompt_lookup_max" not in values:
+        values["prompt_lookup_max"] = max(values["prompt_lookup_min"], NgramConfig.prompt_lookup_max)
+    config = NgramConfig(**values)
+    if config.prompt_lookup_min > config.prompt_lookup_max:
+        raise ConfigError(f"{setting}.prompt_lookup_min", f"{config.prompt_lookup_min} is above prompt_lookup_max "
+                                                           f"{config.prompt_lookup_max}")
+    return config
+
+
+def vllm_speculative_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """What the vLLM engine hands to vLLM: the mapping unchanged, with the ngram defaults slimserve's
+    torch engine uses filled in (vLLM's own are 5/5 and num_speculative_tokens required)."""
+    method = raw.get("method") or raw.get("model")
+    if method not in ("ngram", "[ngram]"):
+        return dict(raw)
+    config = ngram_config(raw)
+    return {"method": "ngram", "num_speculative_tokens": config.num_speculative_tokens,
+            "prompt_lookup_max": config.prompt_lookup_max, "prompt_lookup_min": config.prompt_lookup_min}
