@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,24 +25,11 @@ import torch
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch.engine import TorchEngine
+from tests.bench.machine import describe, summary
 
 FIGURES = Path(__file__).parent / "figures"
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
 VARIANTS = ("fp32", "bf16", "int8", "int4", "int8-torchao", "int4-bnb")
-
-
-def cpu_model() -> dict:
-    from server.engines.vllm_kernels import cpu_info
-
-    info = cpu_info()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
-                    info.get("model"))
-    except (OSError, subprocess.SubprocessError):
-        name = info.get("model")
-    return {"model": name, "flags": [f for f, ok in (info.get("flags") or {}).items() if ok],
-            "torch_capability": info.get("torch_capability"), "threads": torch.get_num_threads()}
 
 
 def load(variant: str, path: str) -> TorchEngine:
@@ -125,7 +111,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("decode tok/s")
     ax.set_title(f"SmolLM2-135M decode, PyTorch engine, best of {result['reps']} reps\n"
-                 f"{result['cpu']['model']}, {result['cpu']['threads']} threads", fontsize=9)
+                 + summary(result["cpu"]), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -145,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         else args.model
     variants = args.variants.split(",")
     batches = [int(b) for b in args.batches.split(",")]
-    cpu = cpu_model()
-    print(f"CPU: {cpu['model']} | torch dispatches to {cpu['torch_capability']} | {cpu['threads']} threads\n"
-          f"flags: {' '.join(cpu['flags'])}")
+    cpu = describe()
+    print(f"CPU: {summary(cpu)}; flags: {' '.join(cpu['avx512'] + cpu['amx'])}")
     engines = {v: load(v, path) for v in variants}
 
     async def run() -> dict:

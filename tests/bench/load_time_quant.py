@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,15 +17,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import describe  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    flags = open("/proc/cpuinfo").read()
-    kinds = [f for f in ("avx512_bf16", "avx512f", "amx_tile", "avx2") if f in flags]
-    return f"{name} ({', '.join(kinds)}; {platform.machine()})"
 
 
 def watch(server: ServerProcess, timeout: float) -> dict:
@@ -80,7 +71,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="slimserve-ltq-"))
     base = ["--model", args.model, "--engine", args.engine, "--quantization", args.quantization, *args.extra]
-    result = {"cpu": cpu_model(), "command": " ".join(sys.argv), "serve_flags": base}
+    result = {"cpu": describe(), "command": " ".join(sys.argv), "serve_flags": base}
 
     def start(cache: Path, name: str) -> ServerProcess:
         return ServerProcess([*base, "--cache-dir", str(cache)], log_path=work / f"{name}.log")

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
 import tempfile
 import time
 from contextlib import ExitStack
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.bench.machine import describe, summary
 from tests.bench.server_arg import add_server_args, serving
 
 FIGURES = Path(__file__).parent / "figures"
@@ -66,15 +66,6 @@ def grounded_prompts(count: int) -> list[str]:
         word = max(set(w for w in words if len(w) > 4), key=words.count, default="the")
         out.append(GROUNDED[i % len(GROUNDED)].format(p=p, w=word))
     return out
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int):
@@ -138,7 +129,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(0.95, ls=":", c="tab:orange", lw=1, label="target, open (0.95x)")
     ax.axhline(1.0, c="grey", lw=0.5)
     ax.set_ylabel("tok/s with prompt lookup / without")
-    ax.set_title(f"Prompt lookup, {Path(result['model']).name}, greedy\n{result['cpu']}", fontsize=9)
+    ax.set_title(f"Prompt lookup, {Path(result['model']).name}, greedy\n{summary(result['cpu'])}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -158,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default="grounded,open")
     ap.add_argument("--out", type=Path, default=FIGURES / "prompt_lookup_smollm2.json")
     args = ap.parse_args(argv)
-    cpu = cpu_model()
+    cpu = describe()
     load_before = os.getloadavg()
-    print(f"CPU: {cpu}; load average {load_before[0]:.2f}")
+    print(f"CPU: {summary(cpu)}; load average {load_before[0]:.2f}")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     width = max(concurrencies)
     sets = {"grounded": grounded_prompts(max(width, args.c1_prompts)), "open": OPEN[:max(width, args.c1_prompts)]}

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import describe  # noqa: E402
 from bench.server_arg import add_server_args, serving  # noqa: E402
 from conftest import engine_flags  # noqa: E402
 
@@ -320,18 +320,6 @@ def grammar_profile(answers: list[str], model_dir: Path) -> dict:
             "compile_s": round(compile_s, 3)}
 
 
-def cpu() -> dict:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {"model_name": fields.get("Model name", "").strip() or "unknown", "cpus": os.cpu_count(),
-            "avx512": sorted(f for f in flags if f.startswith("avx512")), "amx": sorted(f for f in flags if "amx" in f),
-            "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -393,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.base_url and len(engines) != 1:
         ap.error("--base-url measures one server: name its engine alone in --engines")
-    machine = cpu()
+    machine = describe()
     print(f"CPU: {machine['model_name']}, {machine['cpus']} CPUs, avx512: {','.join(machine['avx512']) or 'no'}, "
           f"amx: {','.join(machine['amx']) or 'no'}; load average {machine['load_avg_1_5_15']}", flush=True)
     prompts = person_prompts(args.num_prompts, args.seed)
