@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.engines.torch.packed_linear import PackedLinear
+
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
 
 
@@ -36,7 +38,7 @@ def dequantize_int4_groups(q: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return w.reshape(out_f, in_f)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(PackedLinear):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
                  group_size: int, compute_dtype: torch.dtype):
         super().__init__()
@@ -59,17 +61,8 @@ class Int4Linear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_int4, self.group_size,
                                                           self.scales_and_zeros).float().t().contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # casts only where needed: a decode step calls this ~200 times
-        if x2.dtype != self.compute_dtype:
-            x2 = x2.to(self.compute_dtype)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

@@ -2,7 +2,7 @@
 
 Each output row keeps its int8 weights and one scale (symmetric, amax / 127); the kernel reads
 the int8 weights directly (half the bytes of bf16, a quarter of fp32) and scales the result.
-Activations run through the kernel in `compute_dtype` (see kernel_dtype.py: bf16 where that is
+Activations run through the kernel in `compute_dtype` (see quantize_linears.kernel_dtype: bf16 where that is
 the fast path of the kernel) and come back in the caller's dtype. No child modules and public
 `in_features`/`out_features`, so LoRA wraps it like any nn.Linear (lora.py).
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from server.engines.torch.packed_linear import PackedLinear
 
 
 def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +23,7 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     return q, scales
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(PackedLinear):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -39,17 +41,8 @@ class Int8Linear(nn.Module):
         """The weight the kernel multiplies by, as a float32 [out, in] matrix (the test reference)."""
         return self.weight_int8.float() * self.scales.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # casts only where needed: a decode step calls this ~200 times
-        if x2.dtype != self.compute_dtype:
-            x2 = x2.to(self.compute_dtype)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
