@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from compress.data import IGNORE, pad_batches, prompt_of, read_records, tokenize
 from compress.distill_losses import distill_loss, topk_distill_loss
 from compress.greedy import greedy_answers, load_generator
-from compress.manifest import file_hash, write_manifest
+from compress.bit_cost import artifact_bits
+from compress.manifest import file_hash, read_manifest, write_manifest
+from compress.quant_recovery import export, gptq_artifact, load_trainable
 
 
 class DistillError(ValueError):
@@ -92,8 +94,12 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     random.Random(cfg.seed).shuffle(order)
     n_eval = max(1, min(64, int(len(examples) * cfg.eval_fraction)))
     held_out, train_idx = order[:n_eval], order[n_eval:]
-    student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    recovering = gptq_artifact(cfg.student) is not None  # a quantized student trains on its own grid
+    if recovering:
+        student = load_trainable(cfg.student)
+    else:
+        student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr)
 
     def batches(indices: list[int]) -> list:
         out = []
@@ -128,7 +134,10 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
         return {"loss": ce / max(n, 1), "kl": kl / max(n, 1)}
 
     def save_model(folder: Path) -> None:
-        student.save_pretrained(folder, safe_serialization=True)
+        if recovering:
+            export(student, cfg.student, folder)
+        else:
+            student.save_pretrained(folder, safe_serialization=True)
         s_tok.save_pretrained(folder)
 
     loop = LoopConfig(max_steps=cfg.max_steps, out=cfg.out, grad_accum=cfg.grad_accum, eval_every=cfg.eval_every,
@@ -151,7 +160,14 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
                        "curve": [round(x, 4) for x in run.losses[:: max(1, len(run.losses) // 50)]]},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
-    write_manifest(cfg.out, "distilled-model", **report)
+    if recovering:  # still the parent's kind of artifact: its recipe, plus what recovery did
+        parent = read_manifest(cfg.student) or {}
+        fields = {k: v for k, v in parent.items() if k not in ("kind", "created")}
+        report = {**fields, "bits_per_weight": artifact_bits(cfg.out), "recovered_from": str(cfg.student),
+                  "recovery": report}
+        write_manifest(cfg.out, "quantized-model", **report)
+    else:
+        write_manifest(cfg.out, "distilled-model", **report)
     return report
 
 
