@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from compress.bit_cost import artifact_bits
 from compress.load_time import load_time_config, weight_bytes
 
 
@@ -31,6 +32,7 @@ class Report:
     load_seconds: float
     decode_tok_s_b1: float
     decode_tok_s_b8: float
+    bits_per_weight: float | None = None  # decoder linear layers, as stored (compress/bit_cost.py); None at load
 
 
 def load_variant(spec: str, dtype: torch.dtype = torch.bfloat16):
@@ -94,6 +96,13 @@ def decode_speed(model, batch: int, steps: int = 32, prompt_len: int = 16) -> fl
     return batch * steps / (time.perf_counter() - start)
 
 
+def stored_bits(folder: Path) -> float | None:
+    try:
+        return artifact_bits(folder)["linear"]
+    except (OSError, ValueError, KeyError):  # a layout bit_cost does not read (e.g. compressed-tensors)
+        return None
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -109,7 +118,8 @@ def evaluate(ref: str, variants: list[str], text_file: Path, out_dir: Path, *, s
         raise ValueError(f"{text_file} holds too little text to evaluate on")
     ref_logits = logits_over(ref_model, windows)
     reports = [Report(Path(ref).name, perplexity(ref_logits, windows), 0.0, 1.0, weight_bytes(ref_model),
-                      folder_bytes(ref_folder), ref_load, decode_speed(ref_model, 1), decode_speed(ref_model, 8))]
+                      folder_bytes(ref_folder), ref_load, decode_speed(ref_model, 1), decode_speed(ref_model, 8),
+                      stored_bits(ref_folder))]
     del ref_model
     for spec in tqdm(variants, desc="variants", disable=not progress):
         model, _, folder, load = load_variant(spec)
@@ -119,7 +129,7 @@ def evaluate(ref: str, variants: list[str], text_file: Path, out_dir: Path, *, s
         name = f"{Path(folder_part).name}@{method}" if method else Path(spec).name
         reports.append(Report(name, perplexity(logits, windows), kl, agree, weight_bytes(model),
                               0 if "@" in spec else folder_bytes(folder), load, decode_speed(model, 1),
-                              decode_speed(model, 8)))
+                              decode_speed(model, 8), None if "@" in spec else stored_bits(folder)))
         del model
     write_reports(reports, out_dir, tokens=sum(w.shape[1] for w in windows))
     return reports
@@ -130,15 +140,28 @@ def write_reports(reports: list[Report], out_dir: Path, tokens: int) -> None:
     base = reports[0]
     (out_dir / "eval.json").write_text(json.dumps({"eval_tokens": tokens, "reports": [asdict(r) for r in reports]},
                                                   indent=2))
-    lines = ["| model | perplexity | vs ref | KL vs ref | top-1 agree | weight MiB | x ref | load s | tok/s b1 | "
-             "tok/s b8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | bits/weight (linear) | perplexity | vs ref | KL vs ref | top-1 agree | weight MiB | x ref | "
+             "load s | tok/s b1 | tok/s b8 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        lines.append(f"| {r.name} | {r.perplexity:.3f} | {r.perplexity / base.perplexity - 1:+.1%} | "
+        bits = f"{r.bits_per_weight:.3f}" if r.bits_per_weight else "at load"
+        lines.append(f"| {r.name} | {bits} | {r.perplexity:.3f} | {r.perplexity / base.perplexity - 1:+.1%} | "
                      f"{r.kl_vs_ref:.4f} | {r.top1_agreement:.1%} | {r.weight_bytes / 2**20:.1f} | "
                      f"{r.weight_bytes / base.weight_bytes:.2f} | {r.load_seconds:.1f} | {r.decode_tok_s_b1:.1f} | "
                      f"{r.decode_tok_s_b8:.1f} |")
     (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
     plot(reports, out_dir / "eval.png")
+
+
+def frontier(sizes: list[float], quality: list[float]) -> list[int]:
+    """Indices of the size-vs-quality frontier (lower is better for both), smallest first: the
+    points no other point beats on both size and quality."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], quality[i]))
+    best, keep = float("inf"), []
+    for i in order:
+        if quality[i] < best:
+            keep.append(i)
+            best = quality[i]
+    return keep
 
 
 def plot(reports: list[Report], path: Path) -> None:
@@ -154,6 +177,10 @@ def plot(reports: list[Report], path: Path) -> None:
     dots = ax.scatter(sizes, ppl, s=[40 + 2 * s for s in speed], c=speed, cmap="viridis", edgecolors="black")
     for r, x, y in zip(reports, sizes, ppl):
         ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    front = frontier(sizes, ppl)
+    ax.step([sizes[i] for i in front], [ppl[i] for i in front], where="post", color="tab:red", linewidth=1,
+            label="frontier: nothing smaller is better")
+    ax.legend(fontsize=8, loc="upper right")
     ax.margins(x=0.2, y=0.1)  # room for the labels
     ax.set_xlabel("weight MiB")
     ax.set_ylabel("perplexity (held-out text)")

@@ -97,12 +97,17 @@ def add_parser(sub) -> None:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=8192)
     e.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
-    from server import cli_router
+    from server import cli_compress_recipe, cli_router
 
     cli_router.add_parser(csub)
+    cli_compress_recipe.add_parsers(csub, Path.home() / ".cache" / "slimserve")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compress_command in ("sensitivity", "recipe"):
+        from server import cli_compress_recipe
+
+        return cli_compress_recipe.run(args, _model_dir)
     if args.compress_command == "calibrate-router":
         from server import cli_router
 
