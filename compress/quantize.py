@@ -53,6 +53,8 @@ class QuantizeSpec:
     mse: float = 0.0  # GPTQ: >0 searches each group's clipping range, minimising sum |w - q|^mse (2.4 in GPTQ's code)
     module_bits: dict[str, int] | None = None  # exact module names -> bits (e.g. 8), overriding `bits`
     iters: int = 50  # autoround: SignRound steps per decoder block (its default 200 is slow on CPUs)
+    awq_clip: bool = True  # awq: fit each group's clipping range (GPTQModel's default); compress/awq_options.py
+    awq_scale_one: bool = False  # awq: let the scale search keep the weights unscaled when that is best
 
 
 def linear_widths(config) -> dict[str, int]:
@@ -89,6 +91,8 @@ def check(spec: QuantizeSpec) -> tuple[object, list[str]]:
     if spec.mse and (spec.method != "gptq" or spec.backend != "gptqmodel" or spec.mse < 1):
         raise QuantizeError("mse (the clipping search's error norm, e.g. 2.4) applies to --method gptq on the "
                             "gptqmodel backend and must be at least 1")
+    if spec.method != "awq" and (not spec.awq_clip or spec.awq_scale_one):
+        raise QuantizeError("awq_clip / awq_scale_one apply to --method awq")
     if spec.method == "autoround" and spec.backend != "gptqmodel":
         raise QuantizeError("autoround runs in-process; drop --backend")
     if spec.method == "autoround" and spec.iters < 0:
@@ -232,7 +236,7 @@ def _report_layers(model, progress: Progress):
 
 
 def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path,
-                   progress: Progress | None = None) -> None:
+                   progress: Progress | None = None) -> dict | None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel import AWQConfig, GPTQConfig, RTNConfig
@@ -251,8 +255,12 @@ def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path,
                          dynamic=dynamic_overrides(spec.module_bits))
     model = GPTQModel.load(str(spec.model), qcfg)
     hooks = _report_layers(model.model, progress) if progress else []
+    notes = None
     if spec.method == "awq":
-        model.quantize(texts, batch_size=1, backend=BACKEND.AWQ_TORCH)  # GPTQModel's AWQ needs this without CUDA
+        from compress.awq_options import awq_options
+
+        with awq_options(clip=spec.awq_clip, scale_one=spec.awq_scale_one) as notes:
+            model.quantize(texts, batch_size=1, backend=BACKEND.AWQ_TORCH)  # GPTQModel's AWQ needs this without CUDA
     elif texts:
         model.quantize(texts, batch_size=1)
     else:
@@ -260,6 +268,7 @@ def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path,
     for h in hooks:
         h.remove()
     model.save(str(out))
+    return notes
 
 
 def _bits_or_none(count, folder: Path) -> dict | None:
@@ -277,7 +286,7 @@ def _finish(spec: QuantizeSpec, texts: list[str], run) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
     try:
-        run(tmp, bits)
+        notes = run(tmp, bits)  # what the backend reports beyond its artifact, if anything
     except BaseException:  # an error, full disk or Ctrl-C leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -294,6 +303,8 @@ def _finish(spec: QuantizeSpec, texts: list[str], run) -> dict:
         "ratio": round(after / before, 4) if before else None, "seconds": round(seconds, 1),
         "module_bits": spec.module_bits or {}, "bits_per_weight": _bits_or_none(artifact_bits, tmp),
     }
+    if notes:
+        report["backend_notes"] = notes
     write_manifest(tmp, "quantized-model", **report)
     if spec.out.exists():
         spec.out.rmdir()  # empty, checked above

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
     q.add_argument("--module-bits", action="append", default=[], metavar="NAME=BITS",
                    help="bits for one linear layer, e.g. model.layers.0.mlp.down_proj=8 (repeatable)")
     q.add_argument("--iters", type=int, default=50, help="autoround: SignRound steps per decoder block")
+    q.add_argument("--awq-no-clip", dest="awq_clip", action="store_false", help="AWQ: skip the clipping fit")
+    q.add_argument("--awq-scale-one", action="store_true", help="AWQ: the scale search may keep weights unscaled")
     q.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     w = csub.add_parser("warm", help="quantize every model a serve.yaml quantizes at load into the cache, then exit",
                         description="For a Kubernetes Job or initContainer: the serving pods then start from the "
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                             act_order=args.act_order, sym=args.sym,
                             calib=args.calib if args.calib in (None, "self") else Path(args.calib),
                             num_samples=args.num_samples, seq_len=args.seq_len, mse=args.mse,
-                            module_bits=_module_bits(args.module_bits), iters=args.iters)
+                            module_bits=_module_bits(args.module_bits), iters=args.iters,
+                            awq_clip=args.awq_clip, awq_scale_one=args.awq_scale_one)
         from server.load_progress import LoadProgress
 
         shown = LoadProgress()  # a bar per stage on a terminal, a log line per stage otherwise
