@@ -1,7 +1,8 @@
 """`slimserve compress quantize`: GPTQ, AWQ, RTN and int8 artifacts.
 
 Backends: GPTQModel (default) quantizes on CPUs and writes checkpoints that transformers and vLLM
-load directly (GPTQ/RTN as `gptq`, AWQ as `awq` GEMM). AutoGPTQ, which the owner named, is
+load directly (GPTQ/RTN as `gptq`, AWQ as `awq` GEMM); `autoround` runs Intel's auto-round (SignRound:
+signed-gradient rounding and clipping tuned block by block) and writes the same GPTQ layout. AutoGPTQ, which the owner named, is
 unmaintained and needs CUDA; its maintainers point to GPTQModel. llm-compressor, vLLM's own tool,
 writes compressed-tensors (W4A16 groups, W8A8 int8) that vLLM loads natively; its pins clash with
 vLLM's, so it runs in its own virtual environment (compress/requirements-llmcompressor.txt), as a
@@ -11,6 +12,7 @@ subprocess. Everything that can be checked is checked before the (minutes-long) 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +23,9 @@ from compress.calibration import calibration_texts
 from compress.data import DataError
 from compress.manifest import file_hash, write_manifest
 
-METHODS = ("gptq", "awq", "rtn", "int8")
+METHODS = ("gptq", "awq", "rtn", "int8", "autoround")
+CALIBRATED = ("gptq", "awq", "autoround")  # methods that need calibration text
+MODULE_BITS = (2, 3, 4, 8)  # what a per-module override may ask for (GPTQ layout, packed in int32)
 BACKENDS = ("gptqmodel", "llmcompressor")
 SELF = "self"  # --calib self: the model writes its own calibration text (compress/self_calibration.py)
 # progress(stage, done, total): stages "calibrating" (samples written) and "quantizing" (decoder layers)
@@ -46,6 +50,11 @@ class QuantizeSpec:
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
+    mse: float = 0.0  # GPTQ: >0 searches each group's clipping range, minimising sum |w - q|^mse (2.4 in GPTQ's code)
+    module_bits: dict[str, int] | None = None  # exact module names -> bits (e.g. 8), overriding `bits`
+    iters: int = 50  # autoround: SignRound steps per decoder block (its default 200 is slow on CPUs)
+    awq_clip: bool = True  # awq: fit each group's clipping range (GPTQModel's default); compress/awq_options.py
+    awq_scale_one: bool = False  # awq: let the scale search keep the weights unscaled when that is best
 
 
 def linear_widths(config) -> dict[str, int]:
@@ -79,6 +88,15 @@ def check(spec: QuantizeSpec) -> tuple[object, list[str]]:
         raise QuantizeError(f"bits must be 2, 3, 4 or 8, not {bits}")
     if spec.method == "awq" and bits != 4:
         raise QuantizeError("AWQ checkpoints are 4-bit")
+    if spec.mse and (spec.method != "gptq" or spec.backend != "gptqmodel" or spec.mse < 1):
+        raise QuantizeError("mse (the clipping search's error norm, e.g. 2.4) applies to --method gptq on the "
+                            "gptqmodel backend and must be at least 1")
+    if spec.method != "awq" and (not spec.awq_clip or spec.awq_scale_one):
+        raise QuantizeError("awq_clip / awq_scale_one apply to --method awq")
+    if spec.method == "autoround" and spec.backend != "gptqmodel":
+        raise QuantizeError("autoround runs in-process; drop --backend")
+    if spec.method == "autoround" and spec.iters < 0:
+        raise QuantizeError("iters must be >= 0 (0: auto-round's tuned RTN)")
     if not (spec.model / "config.json").is_file():
         raise QuantizeError(f"{spec.model} is not a model folder (no config.json)")
     config = AutoConfig.from_pretrained(spec.model)
@@ -95,10 +113,12 @@ def check(spec: QuantizeSpec) -> tuple[object, list[str]]:
             fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in linear_widths(config).values())]
             raise QuantizeError(f"group size {spec.group_size} does not divide the {name} ({width}); "
                                 f"use {fits[-1] if fits else -1}")
+    if spec.module_bits:
+        _check_module_bits(spec, bits)
     if spec.out.exists() and any(spec.out.iterdir()):
         raise QuantizeError(f"{spec.out} exists and is not empty")
     texts: list[str] = []
-    if spec.method in ("gptq", "awq"):
+    if spec.method in CALIBRATED:
         if spec.calib is None:
             raise QuantizeError(f"{spec.method} needs calibration text: --calib FILE (.txt or .jsonl) or --calib self")
         if spec.calib != SELF:  # self-written text is made later: it is work, not a check
@@ -109,10 +129,39 @@ def check(spec: QuantizeSpec) -> tuple[object, list[str]]:
     return config, texts
 
 
+def _check_module_bits(spec: QuantizeSpec, bits: int) -> None:
+    """Per-module bits name real linear layers and bits the GPTQ layout can pack."""
+    from compress.bit_cost import read_header
+
+    if spec.backend != "gptqmodel" or spec.method not in ("gptq", "rtn", "autoround"):
+        raise QuantizeError("module_bits applies to gptq, rtn and autoround on the gptqmodel backend")
+    weights = set()
+    for f in spec.model.glob("*.safetensors"):
+        weights |= {n[: -len(".weight")] for n, e in read_header(f).items()
+                    if n.endswith(".weight") and len(e["shape"]) == 2}
+    for name, b in spec.module_bits.items():
+        if b not in MODULE_BITS:
+            raise QuantizeError(f"module_bits[{name!r}] must be one of {MODULE_BITS}, not {b}")
+        if name not in weights:
+            raise QuantizeError(f"module_bits names {name!r}, which is no linear layer of {spec.model} "
+                                f"(names look like model.layers.0.mlp.down_proj)")
+        if name.endswith(("lm_head", "embed_tokens")):
+            raise QuantizeError(f"module_bits: {name} is not quantized by these backends")
+
+
+def dynamic_overrides(module_bits: dict[str, int] | None) -> dict | None:
+    """GPTQModel's per-module `dynamic` config: `+:` regexes matched against full module names,
+    anchored so that `layers.1.` never also catches `layers.11.`. It lands in config.json, where
+    transformers (via GPTQModel) and vLLM's gptq loader read the per-module bits back."""
+    if not module_bits:
+        return None
+    return {f"+:^{re.escape(name)}$": {"bits": b} for name, b in sorted(module_bits.items())}
+
+
 def calibration_identity(spec: QuantizeSpec) -> str | None:
     """What the calibration text is, for cache keys and manifests: None (none used), the file's
     sha256, or self-calibration's version (the texts follow from the model, the seed and the recipe)."""
-    if spec.method not in ("gptq", "awq") or spec.calib is None:
+    if spec.method not in CALIBRATED or spec.calib is None:
         return None
     if spec.calib == SELF:
         from compress.self_calibration import VERSION
@@ -148,7 +197,7 @@ def quantize(spec: QuantizeSpec, progress: Progress | None = None) -> dict:
     """The one entry point, offline (`compress quantize`) and at load time (server/quantize_at_load.py):
     the same spec gives the same artifact either way."""
     _, texts = check(spec)
-    if spec.calib == SELF and spec.method in ("gptq", "awq"):
+    if spec.calib == SELF and spec.method in CALIBRATED:
         from compress.self_calibration import self_calibration_texts
 
         if progress:
@@ -159,6 +208,10 @@ def quantize(spec: QuantizeSpec, progress: Progress | None = None) -> dict:
         progress("quantizing", 0, 0)  # the layer count comes with the first block GPTQModel reaches
     if spec.backend == "llmcompressor":
         return _finish(spec, texts, lambda out, bits: _run_llmcompressor(spec, bits, texts, out))
+    if spec.method == "autoround":
+        from compress.autoround_backend import run_autoround
+
+        return _finish(spec, texts, lambda out, bits: run_autoround(spec, bits, texts, out))
     return _finish(spec, texts, lambda out, bits: _run_gptqmodel(spec, bits, texts, out, progress))
 
 
@@ -183,7 +236,7 @@ def _report_layers(model, progress: Progress):
 
 
 def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path,
-                   progress: Progress | None = None) -> None:
+                   progress: Progress | None = None) -> dict | None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel import AWQConfig, GPTQConfig, RTNConfig
@@ -193,15 +246,21 @@ def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path,
         tok = AutoTokenizer.from_pretrained(spec.model)
         texts = [tok.decode(tok.encode(t, add_special_tokens=False)[: spec.seq_len]) for t in texts]
     if spec.method == "gptq":
-        qcfg = GPTQConfig(bits=bits, group_size=spec.group_size, sym=spec.sym, desc_act=spec.act_order)
+        qcfg = GPTQConfig(bits=bits, group_size=spec.group_size, sym=spec.sym, desc_act=spec.act_order,
+                          mse=spec.mse, dynamic=dynamic_overrides(spec.module_bits))
     elif spec.method == "awq":
         qcfg = AWQConfig(bits=bits, group_size=spec.group_size, sym=spec.sym)
     else:  # rtn, int8: round to nearest, no calibration
-        qcfg = RTNConfig(bits=bits, group_size=spec.group_size, sym=spec.sym)
+        qcfg = RTNConfig(bits=bits, group_size=spec.group_size, sym=spec.sym,
+                         dynamic=dynamic_overrides(spec.module_bits))
     model = GPTQModel.load(str(spec.model), qcfg)
     hooks = _report_layers(model.model, progress) if progress else []
+    notes = None
     if spec.method == "awq":
-        model.quantize(texts, batch_size=1, backend=BACKEND.AWQ_TORCH)  # GPTQModel's AWQ needs this without CUDA
+        from compress.awq_options import awq_options
+
+        with awq_options(clip=spec.awq_clip, scale_one=spec.awq_scale_one) as notes:
+            model.quantize(texts, batch_size=1, backend=BACKEND.AWQ_TORCH)  # GPTQModel's AWQ needs this without CUDA
     elif texts:
         model.quantize(texts, batch_size=1)
     else:
@@ -209,6 +268,15 @@ def _run_gptqmodel(spec: QuantizeSpec, bits: int, texts: list[str], out: Path,
     for h in hooks:
         h.remove()
     model.save(str(out))
+    return notes
+
+
+def _bits_or_none(count, folder: Path) -> dict | None:
+    """The size count is a report, not the artifact: a layout it cannot read leaves it empty."""
+    try:
+        return count(folder)
+    except (KeyError, ValueError):
+        return None
 
 
 def _finish(spec: QuantizeSpec, texts: list[str], run) -> dict:
@@ -218,7 +286,7 @@ def _finish(spec: QuantizeSpec, texts: list[str], run) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
     try:
-        run(tmp, bits)
+        notes = run(tmp, bits)  # what the backend reports beyond its artifact, if anything
     except BaseException:  # an error, full disk or Ctrl-C leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -226,13 +294,17 @@ def _finish(spec: QuantizeSpec, texts: list[str], run) -> dict:
     before = sum(f.stat().st_size for f in spec.model.glob("*.safetensors"))
     after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items() if k not in ("model", "out")}
+    from compress.bit_cost import artifact_bits
     report = {
         "source_model": str(spec.model), "method": spec.method, "backend": spec.backend, "bits": bits,
         "parameters": params, "calibration": ("self" if spec.calib == SELF else str(spec.calib)) if texts else None,
         "calibration_sha256": file_hash(Path(spec.calib)) if texts and spec.calib != SELF else None,
         "calibration_samples": len(texts), "bytes_before": before, "bytes_after": after,
         "ratio": round(after / before, 4) if before else None, "seconds": round(seconds, 1),
+        "module_bits": spec.module_bits or {}, "bits_per_weight": _bits_or_none(artifact_bits, tmp),
     }
+    if notes:
+        report["backend_notes"] = notes
     write_manifest(tmp, "quantized-model", **report)
     if spec.out.exists():
         spec.out.rmdir()  # empty, checked above

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         description="Writes a model folder that both engines load, with slimserve.json.")
     q.add_argument("model")
     q.add_argument("out", type=Path)
-    q.add_argument("--method", default="gptq", help="gptq | awq | rtn | int8")
+    q.add_argument("--method", default="gptq", help="gptq | awq | rtn | int8 | autoround")
     q.add_argument("--backend", default="gptqmodel", help="gptqmodel | llmcompressor")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one per row")
@@ -39,6 +39,13 @@ def add_parser(sub) -> None:
                                    "fixed seeded prompts); gptq and awq need it")
     q.add_argument("--num-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--mse", type=float, nargs="?", const=2.4, default=0.0, metavar="NORM",
+                   help="GPTQ: search each group's clipping range for the least sum |w - q|^NORM (default 2.4)")
+    q.add_argument("--module-bits", action="append", default=[], metavar="NAME=BITS",
+                   help="bits for one linear layer, e.g. model.layers.0.mlp.down_proj=8 (repeatable)")
+    q.add_argument("--iters", type=int, default=50, help="autoround: SignRound steps per decoder block")
+    q.add_argument("--awq-no-clip", dest="awq_clip", action="store_false", help="AWQ: skip the clipping fit")
+    q.add_argument("--awq-scale-one", action="store_true", help="AWQ: the scale search may keep weights unscaled")
     q.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     w = csub.add_parser("warm", help="quantize every model a serve.yaml quantizes at load into the cache, then exit",
                         description="For a Kubernetes Job or initContainer: the serving pods then start from the "
@@ -103,6 +110,16 @@ def add_parser(sub) -> None:
     cli_compress_recipe.add_parsers(csub, Path.home() / ".cache" / "slimserve")
 
 
+def _module_bits(pairs: list[str]) -> dict[str, int] | None:
+    out = {}
+    for pair in pairs:
+        name, _, bits = pair.rpartition("=")
+        if not name or not bits.isdigit():
+            raise ConfigError("module-bits", f"expected NAME=BITS (e.g. model.layers.0.mlp.down_proj=8), not {pair!r}")
+        out[name] = int(bits)
+    return out or None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.compress_command in ("sensitivity", "recipe"):
         from server import cli_compress_recipe
@@ -127,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
                             backend=args.backend, bits=args.bits, group_size=args.group_size,
                             act_order=args.act_order, sym=args.sym,
                             calib=args.calib if args.calib in (None, "self") else Path(args.calib),
-                            num_samples=args.num_samples,
-                            seq_len=args.seq_len)
+                            num_samples=args.num_samples, seq_len=args.seq_len, mse=args.mse,
+                            module_bits=_module_bits(args.module_bits), iters=args.iters,
+                            awq_clip=args.awq_clip, awq_scale_one=args.awq_scale_one)
         from server.load_progress import LoadProgress
 
         shown = LoadProgress()  # a bar per stage on a terminal, a log line per stage otherwise
