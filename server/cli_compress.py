@@ -46,6 +46,12 @@ def add_parser(sub) -> None:
     q.add_argument("--iters", type=int, default=50, help="autoround: SignRound steps per decoder block")
     q.add_argument("--awq-no-clip", dest="awq_clip", action="store_false", help="AWQ: skip the clipping fit")
     q.add_argument("--awq-scale-one", action="store_true", help="AWQ: the scale search may keep weights unscaled")
+    budget = q.add_mutually_exclusive_group()
+    budget.add_argument("--avg-bits", type=float, metavar="B", help="mixed precision: 8-bit layers where the "
+                        "sensitivity scan says they pay, average stored bits per weight <= B (e.g. 4.6)")
+    budget.add_argument("--keep-8bit", type=int, metavar="N", help="mixed precision: the N most sensitive layers at 8 bits")
+    q.add_argument("--sensitivity", type=Path, metavar="SCAN", help="a saved `compress sensitivity` scan for "
+                   "--avg-bits/--keep-8bit (else scanned on --calib)")
     q.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
     w = csub.add_parser("warm", help="quantize every model a serve.yaml quantizes at load into the cache, then exit",
                         description="For a Kubernetes Job or initContainer: the serving pods then start from the "
@@ -150,9 +156,21 @@ def run(args: argparse.Namespace) -> int:
         from server.load_progress import LoadProgress
 
         shown = LoadProgress()  # a bar per stage on a terminal, a log line per stage otherwise
+        def progress(stage, done, total):
+            shown.stage(args.out.name, stage, done, total)
+
+        from compress.bit_budget import BudgetError
+        from compress.mixed_precision import MixedPrecisionError, quantize_with_budget
+
         try:
-            report = quantize(spec, lambda stage, done, total: shown.stage(args.out.name, stage, done, total))
-        except QuantizeError as exc:
+            if args.avg_bits is not None or args.keep_8bit is not None:
+                if spec.module_bits:
+                    raise QuantizeError("give --module-bits or a budget (--avg-bits/--keep-8bit), not both")
+                report = quantize_with_budget(spec, avg_bits=args.avg_bits, keep_8bit=args.keep_8bit,
+                                              sensitivity=args.sensitivity, progress=progress)
+            else:
+                report = quantize(spec, progress)
+        except (QuantizeError, BudgetError, MixedPrecisionError) as exc:
             raise ConfigError("quantize", str(exc)) from None
         print(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
@@ -228,5 +246,7 @@ def _distill(args: argparse.Namespace) -> int:
         raise ConfigError("student", str(exc)) from None
     keys = ("method", "teacher_source", "steps", "tokens", "seconds", "resumed_from_step", "held_out_kl_to_teacher",
             "held_out_loss")
-    print(json.dumps({k: report[k] for k in keys}, indent=2))
+    shown = report.get("recovery", report)  # a recovered quantized model nests the training report
+    print(json.dumps({k: shown[k] for k in keys if k in shown}, indent=2))
+    print(f"wrote {cfg.out}")
     return 0
