@@ -25,6 +25,7 @@ class Cost:
     device: str = "cpu"
     threads: int | None = None
     batch: int = 1
+    dtype: str | None = None
     weight_bytes: int | None = None
     kv_bytes_per_token: int | None = None
     wall_seconds_per_token: float | None = None
@@ -84,7 +85,8 @@ def measure_cost(model, steps: int = 32, prompt_len: int = 16, warmup: int = 4, 
     cpu, wall = (time.process_time() - cpu0) / steps, (time.perf_counter() - wall0) / steps
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return Cost(seconds_per_token=wall if cuda else cpu, device=str(device),
-                threads=None if cuda else torch.get_num_threads(), batch=1, weight_bytes=weight_bytes(model),
+                threads=None if cuda else torch.get_num_threads(), batch=1,
+                dtype=str(next(model.parameters()).dtype).removeprefix("torch."), weight_bytes=weight_bytes(model),
                 kv_bytes_per_token=kv_bytes_per_token(model), wall_seconds_per_token=wall,
                 measured=f"{stamp} {how}".strip())
 

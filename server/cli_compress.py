@@ -97,9 +97,10 @@ def add_parser(sub) -> None:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=8192)
     e.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
-    from server import cli_router
+    from server import cli_cost, cli_router
 
     cli_router.add_parser(csub)
+    cli_cost.add_parser(csub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         from server import cli_router
 
         return cli_router.run(args)
+    if args.compress_command == "cost":
+        from server import cli_cost
+
+        return cli_cost.run(args)
     if args.compress_command == "warm":
         from server.warm_cache import warm
 

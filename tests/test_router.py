@@ -259,10 +259,35 @@ def test_costs_come_from_config_over_manifest(tmp_path):
                          {"name": "d", "model": str(tmp_path / "d")}]}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     local = SimpleNamespace(local=True)
-    engines = {"a": SimpleNamespace(source=str(tmp_path / "a"), capabilities=local, quantization=None),
-               "b": SimpleNamespace(source=str(tmp_path / "b"), capabilities=local, quantization=None),
-               "c": SimpleNamespace(source=str(tmp_path / "c"), capabilities=local, quantization="int8"),
-               "d": SimpleNamespace(source=str(tmp_path / "d"), capabilities=local, quantization=None)}
+    engines = {"a": SimpleNamespace(source=str(tmp_path / "a"), capabilities=local),
+               "b": SimpleNamespace(source=str(tmp_path / "b"), capabilities=local),
+               "c": SimpleNamespace(source=str(tmp_path / "c"), capabilities=local),
+               "d": SimpleNamespace(source=str(tmp_path / "d"), capabilities=local)}
     costs = model_costs(load_settings(tmp_path / "serve.yaml"), engines)
     # a: the config wins; b: its manifest; c: quantized in-process, so its folder's cost is not its own; d: none
     assert {k: v.seconds_per_token for k, v in costs.items()} == {"a": 0.75, "b": 0.25}
+
+
+def test_compress_cost_measures_and_writes_the_manifest(tmp_path, capsys):
+    import argparse
+
+    from compress.cost import read_cost
+    from server import cli_cost
+    from server.routing.cost import ModelCost
+
+    folder = build_tiny_model(tmp_path / "model", seed=2, layers=1)
+
+    def cost(**kw) -> str:
+        args = dict(model=str(folder), quantization=None, dtype="auto", device="cpu", steps=4, repeats=1, write=True,
+                    cache_dir=tmp_path)
+        assert cli_cost.run(argparse.Namespace(**{**args, **kw})) == 0
+        return capsys.readouterr().out
+
+    cost()
+    measured = ModelCost.model_validate(read_cost(folder))  # what the router reads
+    assert measured.seconds_per_token > 0 and measured.weight_bytes > 0 and measured.kv_bytes_per_token > 0
+    assert measured.device == "cpu" and measured.threads >= 1 and "compress cost" in measured.measured
+    out = cost(quantization="int8")
+    snippet = yaml.safe_load(out[out.index("cost:"):])["cost"]  # printed for serve.yaml, not written
+    assert ModelCost.model_validate(snippet).weight_bytes < measured.weight_bytes
+    assert ModelCost.model_validate(read_cost(folder)) == measured

@@ -13,6 +13,7 @@ import logging
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
+IN_PROCESS = ("int8", "int4", "nf4", "fp8")  # quantization at load that keeps serving from the original folder
 
 
 class ModelCost(BaseModel):
@@ -23,6 +24,7 @@ class ModelCost(BaseModel):
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)
     batch: int = Field(1, ge=1)
+    dtype: str | None = None
     weight_bytes: int | None = Field(None, ge=0)
     kv_bytes_per_token: int | None = Field(None, ge=0)
     wall_seconds_per_token: float | None = Field(None, gt=0)
@@ -31,8 +33,9 @@ class ModelCost(BaseModel):
 
 def model_costs(settings, engines: dict) -> dict[str, ModelCost]:
     """name -> cost for every served model whose cost is known. A manifest's cost describes its folder as
-    stored, so it is not used for a model quantized in-process at load (int8, int4, nf4 ...): give that
-    entry its own `cost:`."""
+    stored, so it is not used for a model quantized in process at load (int8, int4, nf4, fp8): give that
+    entry its own `cost:`. A GPTQ/AWQ/RTN model quantized at load is served from its cache folder, whose
+    manifest counts; so does a quantized artifact's."""
     from compress.cost import read_cost
 
     costs: dict[str, ModelCost] = {}
@@ -42,7 +45,8 @@ def model_costs(settings, engines: dict) -> dict[str, ModelCost]:
             continue
         engine = engines.get(entry.name)
         source = getattr(engine, "source", None)
-        if engine is None or not engine.capabilities.local or not source or getattr(engine, "quantization", None):
+        if engine is None or not engine.capabilities.local or not source \
+                or settings.for_entry(entry).quantization in IN_PROCESS:
             continue
         recorded = read_cost(source)
         if recorded is None:
