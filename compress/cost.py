@@ -92,12 +92,14 @@ def measure_cost(model, steps: int = 32, prompt_len: int = 16, warmup: int = 4, 
 
 
 def cost_of(folder: Path, dtype=None, measure: bool = True) -> dict | None:
-    """The folder's recorded cost; else, when `measure`, a fresh measurement (not written)."""
-    recorded = read_cost(folder)
+    """The folder's recorded cost; else, when `measure`, a fresh measurement (not written). `FOLDER@int8`
+    (quantized at load) has no manifest of its own: it is measured."""
+    recorded = None if "@" in str(folder) else read_cost(folder)
     if recorded is not None or not measure:
         return recorded
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval()
+    from compress.greedy import load_generator
+
+    model, _ = load_generator(folder, dtype or torch.float32)
     return measure_cost(model, how=f"measured for this run, {os.cpu_count()} CPUs").as_dict()

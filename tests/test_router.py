@@ -232,6 +232,12 @@ def test_route_cost_metrics_and_streams(client, router_server):
             stream_options={"include_usage": True}) as raw:
         asked = list(raw.parse())
     assert asked[-1].usage.completion_tokens == 6  # asked for: kept
+    with client.chat.completions.with_streaming_response.create(  # rules -> far: no cost known, no cost_saved
+            model="auto:rules", messages=[{"role": "user", "content": "Hello"}], temperature=0, max_tokens=4,
+            stream=True, extra_headers={"x-tier": "premium"}) as raw:
+        assert "cost_saved" not in route(raw.headers["x-slimserve-route"])
+        unpriced = list(raw.parse())
+    assert {c.model for c in unpriced} == {"far"} and all(c.choices and c.usage is None for c in unpriced)
     after = httpx.get(url).text
     grew = {s: metric(after, s) - metric(before, s) for s in (
         'slimserve_route_reference_cost_seconds_total{policy="small"}',

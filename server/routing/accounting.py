@@ -55,11 +55,12 @@ class CostBook:
         return with_usage(body) if body.stream and self.references.get(policy) else body
 
     def settle(self, decision, answer, client_body, spent_before: list[tuple[str, int]] = ()) -> None:
-        """Set decision.cost_saved; record the metrics now (whole answer) or when the stream ends."""
-        if not self.priced(decision.policy, decision.target, spent_before):
-            return
-        per_token = {t: self.costs[t].seconds_per_token for t in {decision.target, *(t for t, _ in spent_before)}}
-        reference = self.costs[self.references[decision.policy]].seconds_per_token
+        """Set decision.cost_saved; record the metrics now (whole answer) or when the stream ends. A stream
+        is always wrapped: it may carry a usage chunk the book asked for (dropped unless the client did)."""
+        priced = self.priced(decision.policy, decision.target, spent_before)
+        if priced:
+            per_token = {t: self.costs[t].seconds_per_token for t in {decision.target, *(t for t, _ in spent_before)}}
+            reference = self.costs[self.references[decision.policy]].seconds_per_token
 
         def book(tokens: int) -> float | None:
             spent: dict[str, float] = {}
@@ -70,14 +71,15 @@ class CostBook:
 
         if answer.result is not None:
             tokens = completion_tokens(answer.result)
-            if tokens is not None:
+            if priced and tokens is not None:
                 decision.cost_saved = book(tokens)
             return
-        decision.cost_saved = 1.0 - per_token[decision.target] / reference
-        answer.events = _counted(answer.events, asked_usage(client_body), book)
+        if priced:
+            decision.cost_saved = 1.0 - per_token[decision.target] / reference
+        answer.events = _counted(answer.events, asked_usage(client_body), book if priced else None)
 
 
-async def _counted(events: AsyncIterator[dict], keep_usage: bool, done: Callable[[int], object]):
+async def _counted(events: AsyncIterator[dict], keep_usage: bool, done: Callable[[int], object] | None):
     tokens = None
     try:
         async for item in events:
@@ -89,6 +91,6 @@ async def _counted(events: AsyncIterator[dict], keep_usage: bool, done: Callable
             yield item
     finally:
         await events.aclose()
-        if tokens is not None:
+        if tokens is not None and done is not None:
             done(tokens)
 

@@ -42,6 +42,12 @@ def at(points: list[dict], threshold: float) -> dict:
     return min(above, key=lambda p: p["threshold"]) if above else points[-1]
 
 
+def variant(spec: str) -> dict:
+    """A model entry's fields for a folder or `folder@int8` (quantized at load, as `compress eval` names it)."""
+    folder, _, method = spec.partition("@")
+    return {"model": folder, "quantization": method} if method else {"model": folder}
+
+
 def live(args, teacher: str, router_dir: Path, cascade_threshold: float, prompts: list[str], work: Path,
          costs: dict) -> dict:
     import openai
@@ -50,7 +56,7 @@ def live(args, teacher: str, router_dir: Path, cascade_threshold: float, prompts
 
     config = {"max_num_seqs": 8, "dtype": "float32", "models": [
                   {"name": "teacher", "model": teacher, "cost": costs["teacher"]},
-                  {"name": "student", "model": args.student, "cost": costs["student"]}],
+                  {"name": "student", **variant(args.student), "cost": costs["student"]}],
               "router": {"default": "learned", "policies": {
                   "learned": {"type": "learned", "path": str(router_dir), "student": "student", "teacher": "teacher"},
                   "cascade": {"type": "cascade", "student": "student", "teacher": "teacher",
