@@ -73,30 +73,44 @@ def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: in
             for a in greedy_answers(model, tok, prompts, max_tokens, batch_size, desc=desc, logprobs=True)]
 
 
-def known_answers(path: Path) -> dict[str, str]:
-    """prompt -> the assistant's answer, from chat JSONL rows (the last user turn is the prompt)."""
+def known_answers(path: Path) -> dict[str, tuple[str, int | None]]:
+    """prompt -> (the assistant's answer, its tokens where the row gives `tokens`), from chat JSONL rows
+    (the last user turn is the prompt)."""
     out = {}
     for row in read_records(path):
         msgs = row.get("messages") or []
         user, reply = last_turn(msgs, "user"), last_turn(msgs, "assistant")
         if user is not None and reply is not None:
-            out[user] = reply.strip()
+            out[user] = (reply.strip(), row.get("tokens"))
     return out
 
 
 def teacher_answers(cfg: "CalibrationConfig", prompts: list[str]) -> list[Answer]:
-    """Reuse answers the teacher already wrote where given; generate the rest."""
+    """Reuse answers the teacher already wrote where given; generate the rest. A reused answer without a
+    token count is counted with the teacher's tokenizer (+1 for EOS)."""
     known = known_answers(cfg.teacher_answers) if cfg.teacher_answers else {}
     missing = [p for p in prompts if p not in known]
     fresh = dict(zip(missing, answer(cfg.teacher, missing, cfg.max_tokens, cfg.batch_size, "teacher answers"))) \
         if missing else {}
     tok = None
-    if len(fresh) < len(prompts):  # a reused answer's length, for its cost: its tokens and EOS
+    if any(known[p][1] is None for p in prompts if p in known):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(cfg.teacher)
-    return [fresh[p] if p in fresh else
-            Answer(known[p], 0.0, 0.0, len(tok.encode(known[p], add_special_tokens=False)) + 1) for p in prompts]
+
+    def reused(text: str, tokens: int | None) -> Answer:
+        return Answer(text, 0.0, 0.0,
+                      tokens if tokens is not None else len(tok.encode(text, add_special_tokens=False)) + 1)
+
+    return [fresh[p] if p in fresh else reused(*known[p]) for p in prompts]
+
+
+def write_answers(path: Path, prompts: list[str], answers: list[Answer]) -> None:
+    """Chat JSONL with `tokens`, which `teacher_answers` reuses."""
+    with path.open("w") as f:
+        for p, a in zip(prompts, answers):
+            f.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.text}],
+                                "tokens": a.tokens}) + "\n")
 
 
 def seconds_per_token(folder: Path, given: float | None) -> dict:
@@ -206,6 +220,7 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     router.save(cfg.out)
+    write_answers(cfg.out / "teacher_answers.jsonl", prompts, teacher)  # reusable: --teacher-answers
     with (cfg.out / "answers.jsonl").open("w") as f:
         for p, s, t, a in zip(prompts, student, teacher, agreement):
             f.write(json.dumps({"prompt": p, "teacher": t.text, "student": s.text, "rouge_l": round(float(a), 4),

@@ -27,7 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from compress.router_calibration import (CalibrationConfig, answer, calibrate, curve, prompts_of, rouge_l, sweep,
-                                         teacher_answers)
+                                         teacher_answers, write_answers)
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from compress.router_features import featurizer
 from compress.router_model import LearnedRouter
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     t_ans = teacher_answers(CalibrationConfig(teacher=Path(teacher), student=Path(args.student), prompts=args.heldout,
                                               out=args.work, max_tokens=args.max_tokens,
                                               teacher_answers=args.heldout_answers), held)
+    write_answers(args.work / "heldout_teacher_answers.jsonl", held, t_ans)  # --heldout-answers of a rerun
     s_ans = answer(Path(args.student), held, args.max_tokens, 8, "held-out student")
     agreement = np.array([rouge_l(s.text, t.text) for s, t in zip(s_ans, t_ans)])
     learned_scores = router.scores(featurizer(args.features)(held))
