@@ -191,10 +191,13 @@ def _plot(path: Path, curves: dict, chosen: dict, live_points: dict, target: flo
     ax.set_xlabel("share of the teacher's cost saved (seconds per output token x tokens)")
     ax.set_ylabel("quality: agreement with teacher (teacher = 1)")
     ax.set_title(f"Routing {pair}: cost saved vs quality", fontsize=10)
-    fig.text(0.01, 0.01, footer, fontsize=6, va="bottom")
+    import textwrap
+
+    fig.text(0.01, 0.01, "\n".join(textwrap.fill(line, 150) for line in footer.splitlines()), fontsize=6,
+             va="bottom")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
