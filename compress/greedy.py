@@ -22,13 +22,20 @@ class GreedyAnswer:
 
 def load_generator(model_path: Path, dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer) ready for `greedy_answers`: the model in eval mode, the tokenizer left-padding
-    with a pad token (EOS where it has none)."""
+    with a pad token (EOS where it has none). `FOLDER@int8` (as `compress eval`) quantizes at load
+    (compress/load_time.py: torchao int8, bitsandbytes int4/nf4)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    folder, _, method = str(model_path).partition("@")
+    kwargs = {}
+    if method:
+        from compress.load_time import load_time_config
+
+        kwargs = {"quantization_config": load_time_config(method, dtype), "device_map": "cpu"}
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
     return model, tok
 
 

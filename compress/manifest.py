@@ -40,3 +40,11 @@ def file_hash(*paths: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def update_manifest(folder: Path, **fields: Any) -> Path:
+    """Set `fields` in the folder's manifest, keeping the rest, `created` included (a folder without one
+    gets kind "model")."""
+    data = read_manifest(folder) or {}
+    kind = data.pop("kind", "model")
+    return write_manifest(folder, kind, **{**data, **fields})

@@ -6,6 +6,12 @@ distillation: its own answers agree fully). A logistic regression over prompt fe
 agreement; its threshold is picked on a held-out part of the prompts for a target student share or
 a target quality (mean agreement of the served answers, teacher = 1.0). The same held-out part also
 gives the cascade policy's curve (student confidence = mean token logprob), so both can be compared.
+
+Each point also says what it saves: the teacher's cost of its own answers minus what the policy spends
+(the student's answers it serves; a cascade pays for every student answer and the teacher's where it
+escalates), as a share of the teacher's. A model's cost per token is `--teacher-cost`/`--student-cost`,
+else its manifest's (compress/cost.py), else measured here. With costs, the threshold picked is the
+one that saves most at the target quality.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 
 from compress.data import last_turn, prompt_of, read_records
 from compress.greedy import greedy_answers, load_generator
+from compress.cost import cost_of
 from compress.manifest import file_hash
 
 SWEEP = 41  # thresholds per curve
@@ -41,6 +48,8 @@ class CalibrationConfig:
     holdout_fraction: float = 0.3
     seed: int = 0
     teacher_answers: Path | None = None  # JSONL of chat rows the teacher already answered (e.g. distillation data)
+    teacher_cost: float | None = None  # seconds per output token; default: the manifest's, else measured
+    student_cost: float | None = None
 
 
 @dataclass
@@ -48,6 +57,7 @@ class Answer:
     text: str
     mean_logprob: float
     min_logprob: float
+    tokens: int = 0  # generated tokens, EOS included
 
 
 def prompts_of(path: Path) -> list[str]:
@@ -59,28 +69,53 @@ def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: in
     """Greedy chat answers with the logprob of each chosen token (what a cascade reads). fp32 by default:
     on CPUs without fast bf16 kernels for every op, bf16 generation is several times slower."""
     model, tok = load_generator(model_path, dtype)
-    return [Answer(a.text.strip(), a.mean_logprob, a.min_logprob)
+    return [Answer(a.text.strip(), a.mean_logprob, a.min_logprob, a.tokens)
             for a in greedy_answers(model, tok, prompts, max_tokens, batch_size, desc=desc, logprobs=True)]
 
 
-def known_answers(path: Path) -> dict[str, str]:
-    """prompt -> the assistant's answer, from chat JSONL rows (the last user turn is the prompt)."""
+def known_answers(path: Path) -> dict[str, tuple[str, int | None]]:
+    """prompt -> (the assistant's answer, its tokens where the row gives `tokens`), from chat JSONL rows
+    (the last user turn is the prompt)."""
     out = {}
     for row in read_records(path):
         msgs = row.get("messages") or []
         user, reply = last_turn(msgs, "user"), last_turn(msgs, "assistant")
         if user is not None and reply is not None:
-            out[user] = reply.strip()
+            out[user] = (reply.strip(), row.get("tokens"))
     return out
 
 
 def teacher_answers(cfg: "CalibrationConfig", prompts: list[str]) -> list[Answer]:
-    """Reuse answers the teacher already wrote where given; generate the rest."""
+    """Reuse answers the teacher already wrote where given; generate the rest. A reused answer without a
+    token count is counted with the teacher's tokenizer (+1 for EOS)."""
     known = known_answers(cfg.teacher_answers) if cfg.teacher_answers else {}
     missing = [p for p in prompts if p not in known]
     fresh = dict(zip(missing, answer(cfg.teacher, missing, cfg.max_tokens, cfg.batch_size, "teacher answers"))) \
         if missing else {}
-    return [fresh[p] if p in fresh else Answer(known[p], 0.0, 0.0) for p in prompts]
+    tok = None
+    if any(known[p][1] is None for p in prompts if p in known):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.teacher)
+
+    def reused(text: str, tokens: int | None) -> Answer:
+        return Answer(text, 0.0, 0.0,
+                      tokens if tokens is not None else len(tok.encode(text, add_special_tokens=False)) + 1)
+
+    return [fresh[p] if p in fresh else reused(*known[p]) for p in prompts]
+
+
+def write_answers(path: Path, prompts: list[str], answers: list[Answer]) -> None:
+    """Chat JSONL with `tokens`, which `teacher_answers` reuses."""
+    with path.open("w") as f:
+        for p, a in zip(prompts, answers):
+            f.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.text}],
+                                "tokens": a.tokens}) + "\n")
+
+
+def seconds_per_token(folder: Path, given: float | None) -> dict:
+    """The cost used for a model: as given, else its manifest's, else measured now."""
+    return {"seconds_per_token": given, "measured": "given"} if given is not None else cost_of(folder)
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -103,14 +138,23 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def curve(scores: np.ndarray, agreement: np.ndarray, thresholds: np.ndarray) -> list[dict]:
+def curve(scores: np.ndarray, agreement: np.ndarray, thresholds: np.ndarray,
+          seconds: tuple[np.ndarray, np.ndarray] | None = None, cascade: bool = False) -> list[dict]:
     """For each threshold: share of prompts sent to the student (score >= threshold) and the quality of
-    the answers served (student's agreement where routed to it, 1.0 where the teacher answers)."""
+    the answers served (student's agreement where routed to it, 1.0 where the teacher answers). With
+    `seconds` (the teacher's and the student's cost of each answer), the share of the teacher's cost
+    saved; a cascade (`cascade`) pays for every student answer, escalated or not."""
     points = []
     for t in thresholds:
         to_student = scores >= t
         quality = float(np.where(to_student, agreement, 1.0).mean())
-        points.append({"threshold": float(t), "student_share": float(to_student.mean()), "quality": quality})
+        point = {"threshold": float(t), "student_share": float(to_student.mean()), "quality": quality}
+        if seconds is not None:
+            teacher, student = seconds
+            spent = student.sum() + teacher[~to_student].sum() if cascade else np.where(to_student, student,
+                                                                                         teacher).sum()
+            point["cost_saved"] = float(1.0 - spent / teacher.sum())
+        points.append(point)
     return points
 
 
@@ -120,7 +164,7 @@ def pick(points: list[dict], target_quality: float, target_share: float | None) 
     ok = [p for p in points if p["quality"] >= target_quality]
     if not ok:
         return max(points, key=lambda p: p["threshold"])  # everything to the teacher
-    return max(ok, key=lambda p: (p["student_share"], p["quality"]))
+    return max(ok, key=lambda p: (p.get("cost_saved", p["student_share"]), p["student_share"], p["quality"]))
 
 
 def sweep(scores: np.ndarray) -> np.ndarray:
@@ -139,6 +183,10 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
         raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts; calibration needs at least 10")
     teacher = teacher_answers(cfg, prompts)
     student = answer(cfg.student, prompts, cfg.max_tokens, cfg.batch_size, "student answers")
+    costs = {"teacher": seconds_per_token(cfg.teacher, cfg.teacher_cost),
+             "student": seconds_per_token(cfg.student, cfg.student_cost)}
+    seconds = (np.array([a.tokens for a in teacher]) * costs["teacher"]["seconds_per_token"],
+               np.array([a.tokens for a in student]) * costs["student"]["seconds_per_token"])
     agreement = np.array([rouge_l(s.text, t.text) for s, t in zip(student, teacher)])
     labels = (agreement >= cfg.agree_threshold).astype(np.float64)
     progress(f"student agrees with the teacher on {labels.mean():.1%} of {len(prompts)} prompts "
@@ -152,10 +200,11 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
     weights, bias, mean, std = fit(feats[train], labels[train])
     router = LearnedRouter(cfg.features, weights, bias, mean, std, threshold=0.5)
     learned_scores = router.scores(feats[hold].astype(np.float32))
-    learned_curve = curve(learned_scores, agreement[hold], sweep(learned_scores))
+    held_seconds = (seconds[0][hold], seconds[1][hold])
+    learned_curve = curve(learned_scores, agreement[hold], sweep(learned_scores), held_seconds)
     chosen = pick(learned_curve, cfg.target_quality, cfg.target_share)
     confidence = np.array([s.mean_logprob for s in student])[hold]
-    cascade_curve = curve(confidence, agreement[hold], sweep(confidence))
+    cascade_curve = curve(confidence, agreement[hold], sweep(confidence), held_seconds, cascade=True)
     cascade_chosen = pick(cascade_curve, cfg.target_quality, cfg.target_share)
     train_acc = float(((router.scores(feats[train].astype(np.float32)) >= 0.5) == labels[train]).mean())
 
@@ -166,15 +215,17 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
         "holdout": int(n_hold), "agreement": {"metric": "rouge_l_f1", "threshold": cfg.agree_threshold,
                                               "mean": float(agreement.mean()), "share_agreeing": float(labels.mean())},
         "train_accuracy": train_acc, "chosen": chosen, "cascade": {"metric": "mean_logprob", "chosen": cascade_chosen},
-        "curves": {"learned": learned_curve, "cascade": cascade_curve},
+        "costs": costs, "curves": {"learned": learned_curve, "cascade": cascade_curve},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "seconds": round(time.time() - started, 1),
     }
     router.save(cfg.out)
+    write_answers(cfg.out / "teacher_answers.jsonl", prompts, teacher)  # reusable: --teacher-answers
     with (cfg.out / "answers.jsonl").open("w") as f:
         for p, s, t, a in zip(prompts, student, teacher, agreement):
             f.write(json.dumps({"prompt": p, "teacher": t.text, "student": s.text, "rouge_l": round(float(a), 4),
-                                "student_mean_logprob": round(s.mean_logprob, 4)}) + "\n")
+                                "student_mean_logprob": round(s.mean_logprob, 4), "teacher_tokens": t.tokens,
+                                "student_tokens": s.tokens}) + "\n")
     _plot(cfg.out / "curve.png", learned_curve, cascade_curve, cfg.target_quality)
     return router.manifest
 
@@ -187,14 +238,17 @@ def _plot(path: Path, learned: list[dict], cascade: list[dict], target: float) -
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    x = "cost_saved" if "cost_saved" in learned[0] else "student_share"
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in (("learned router", learned), ("cascade (mean logprob)", cascade)):
-        pts = sorted(points, key=lambda p: p["student_share"])
-        ax.plot([p["student_share"] for p in pts], [p["quality"] for p in pts], marker="o", ms=3, label=name)
+        pts = sorted(points, key=lambda p: p[x])
+        ax.plot([p[x] for p in pts], [p["quality"] for p in pts], marker="o", ms=3, label=name)
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"{target:.0%} of teacher quality")
-    ax.set_xlabel("share of prompts answered by the student")
+    ax.set_xlabel("share of the teacher's cost saved" if x == "cost_saved"
+                  else "share of prompts answered by the student")
     ax.set_ylabel("quality (agreement with teacher, teacher = 1)")
-    ax.set_title("Routing: student share vs quality (held-out prompts)")
+    ax.set_title("Routing: cost saved vs quality (held-out prompts)" if x == "cost_saved"
+                 else "Routing: student share vs quality (held-out prompts)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -110,9 +110,10 @@ def add_parser(sub) -> None:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=8192)
     e.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
-    from server import cli_compress_recipe, cli_router
+    from server import cli_compress_recipe, cli_cost, cli_router
 
     cli_router.add_parser(csub)
+    cli_cost.add_parser(csub)
     cli_compress_recipe.add_parsers(csub, Path.home() / ".cache" / "slimserve")
 
 
@@ -135,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         from server import cli_router
 
         return cli_router.run(args)
+    if args.compress_command == "cost":
+        from server import cli_cost
+
+        return cli_cost.run(args)
     if args.compress_command == "warm":
         from server.warm_cache import warm
 

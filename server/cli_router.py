@@ -25,6 +25,9 @@ def add_parser(csub) -> None:
     c.add_argument("--agree-threshold", type=float, default=0.5, help="ROUGE-L F1 at which answers agree")
     c.add_argument("--target-quality", type=float, default=0.95)
     c.add_argument("--target-share", type=float, help="pick the threshold for this student share instead")
+    c.add_argument("--teacher-cost", type=float, help="teacher's seconds per output token (default: its manifest's "
+                   "`cost`, else measured now)")
+    c.add_argument("--student-cost", type=float, help="student's seconds per output token (as --teacher-cost)")
     c.add_argument("--holdout-fraction", type=float, default=0.3)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimserve")
@@ -45,12 +48,18 @@ def run(args: argparse.Namespace) -> int:
                             features=args.features, max_tokens=args.max_tokens, batch_size=args.batch_size,
                             agree_threshold=args.agree_threshold, target_quality=args.target_quality,
                             target_share=args.target_share, holdout_fraction=args.holdout_fraction, seed=args.seed,
-                            teacher_answers=args.teacher_answers)
+                            teacher_answers=args.teacher_answers, teacher_cost=args.teacher_cost,
+                            student_cost=args.student_cost)
     try:
         report = calibrate(cfg)
     except ValueError as exc:
         raise ConfigError("prompts", str(exc)) from exc
     print(json.dumps({"chosen": report["chosen"], "cascade": report["cascade"], "agreement": report["agreement"],
-                      "train_accuracy": report["train_accuracy"]}, indent=2))
+                      "train_accuracy": report["train_accuracy"],
+                      "seconds_per_token": {k: v["seconds_per_token"] for k, v in report["costs"].items()}}, indent=2))
+    for name, point in (("learned", report["chosen"]), ("cascade", report["cascade"]["chosen"])):
+        print(f"{name}: threshold {point['threshold']:.4g} sends {point['student_share']:.1%} of held-out prompts to "
+              f"the student at quality {point['quality']:.3f} and saves {point['cost_saved']:.1%} of the teacher's "
+              "cost")
     print(f"wrote {args.out}")
     return 0

@@ -79,6 +79,16 @@ class Metrics:
         self.route_score = Histogram("slimserve_route_learned_score", "Learned router: predicted probability that "
                                      "the student's answer is good enough.", ["policy"], registry=r,
                                      buckets=tuple(i / 10 for i in range(11)))
+        self.route_reference_cost = Counter("slimserve_route_reference_cost_seconds", "Routed requests: what the "
+                                            "policy's reference (its teacher) would have spent on the output tokens "
+                                            "served, in device-seconds (its cost per token x tokens).", ["policy"],
+                                            registry=r)
+        self.route_spent_cost = Counter("slimserve_route_spent_cost_seconds", "Routed requests: device-seconds the "
+                                        "targets spent (an escalated cascade pays the student's tokens and the "
+                                        "teacher's).", ["policy", "target"], registry=r)
+        self.route_cost_saved = Gauge("slimserve_route_cost_saved_seconds", "Routed requests: reference minus spent "
+                                      "device-seconds, running total (falls when escalations cost more than routing "
+                                      "saves).", ["policy"], registry=r)
         self.load_progress = Gauge("slimserve_model_load_progress", "Start-up of each model: 0..1 of each stage "
                                    "(converting, calibrating, quantizing, loading, ...); 1 once passed.",
                                    ["model", "stage"], registry=r)
@@ -117,6 +127,13 @@ class Metrics:
     def model_loaded(self, model: str, weight_bytes: int, engine: str = "", quantization: str | None = None) -> None:
         self.weights.labels(model).set(weight_bytes)
         self.model_info.labels(model, engine, quantization or "none").set(1)
+
+    def route_cost(self, policy: str, reference_seconds: float, spent: dict[str, float]) -> None:
+        """One routed request's estimated cost: the reference's, and each target's that generated for it."""
+        self.route_reference_cost.labels(policy).inc(reference_seconds)
+        for target, seconds in spent.items():
+            self.route_spent_cost.labels(policy, target).inc(seconds)
+        self.route_cost_saved.labels(policy).inc(reference_seconds - sum(spent.values()))
 
     def refused(self, model: str, adapter: str, status: int) -> None:
         """A generation request answered before any engine work (400, 401, 404, 413, 429, ...)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
 from server.default_model import DEFAULT_MODEL_ID
+from server.routing.cost import ModelCost
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ MODEL_SETTINGS: tuple[ModelSetting, ...] = (
     ModelSetting("generation_config", Literal["auto", "none"], "auto",
                  "auto: the model folder's generation_config sampling values are the defaults of requests that "
                  "leave them out (as vLLM); none: slimserve's own (temperature 1)"),
+    ModelSetting("cost", ModelCost | None, None, "measured cost per output token, {seconds_per_token, weight_bytes, "
+                 "kv_bytes_per_token, ...}: what routing saves is reckoned from it (default: the model folder's "
+                 "manifest); set per model entry", flag=False),
 )
 
 BY_NAME = {s.name: s for s in MODEL_SETTINGS}

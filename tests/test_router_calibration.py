@@ -12,6 +12,7 @@ import openai
 import pytest
 import yaml
 
+from compress.cost import Cost, write_cost
 from compress.router_calibration import curve, pick, rouge_l
 from compress.router_features import CheapFeatures, MiniLMFeatures
 from compress.router_model import LearnedRouter, fit
@@ -40,6 +41,21 @@ def test_curve_and_pick():
     assert pick(points, 0.95, 1.0)["threshold"] == 0.0
 
 
+def test_curve_cost_saved():
+    scores = np.array([0.9, 0.8, 0.2, 0.1])
+    agree = np.array([1.0, 0.9, 0.0, 0.2])
+    teacher, student = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.5, 1.0, 1.0])  # seconds per answer
+    learned = curve(scores, agree, np.array([0.0, 0.5, 1.0]), (teacher, student))
+    assert [p["cost_saved"] for p in learned] == pytest.approx([1 - 3 / 10, 1 - (1 + 7) / 10, 0.0])
+    # a cascade pays for every student answer, and for the teacher's where it escalates
+    cascade = curve(scores, agree, np.array([0.0, 0.5, 1.0]), (teacher, student), cascade=True)
+    assert [p["cost_saved"] for p in cascade] == pytest.approx([1 - 3 / 10, 1 - (3 + 7) / 10, 1 - (3 + 10) / 10])
+    # at equal quality the cheaper point wins: here the learned router's 0.5 threshold, the cascade's none
+    assert pick(learned, 0.95, None)["threshold"] == 0.5
+    slower = [{**p, "cost_saved": -p["student_share"]} for p in learned]  # a student dearer than the teacher
+    assert pick(slower, 0.95, None)["threshold"] == 1.0
+
+
 def test_fit_learns_a_separable_rule(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5))
@@ -63,19 +79,21 @@ def test_features():
 def calibrated(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("calib")
     student = build_tiny_model(folder / "student", seed=1, layers=1)
+    write_cost(student, Cost(seconds_per_token=0.004))  # read from its manifest; the teacher's is given
     rows = [{"prompt": f"Tell me about the {a} and the {b}."} for a in WORDS for b in WORDS[:4]]
     (folder / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = folder / "router"
     r = subprocess.run([sys.executable, "-m", "server", "compress", "calibrate-router", str(out), "--teacher",
                         str(tiny_model_dir), "--student", str(student), "--prompts", str(folder / "prompts.jsonl"),
-                        "--features", "cheap", "--max-tokens", "8", "--agree-threshold", "0.3"],
+                        "--features", "cheap", "--max-tokens", "8", "--agree-threshold", "0.3",
+                        "--teacher-cost", "0.01"],
                        capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert r.returncode == 0, r.stderr[-2000:]
-    return folder, student, out
+    return folder, student, out, r.stdout
 
 
 def test_calibrate_router_writes_router_and_curves(calibrated):
-    _, _, out = calibrated
+    _, _, out, _ = calibrated
     manifest = json.loads((out / "router.json").read_text())
     assert manifest["num_prompts"] == 40 and manifest["holdout"] == 12
     assert manifest["features"] == "cheap" and len(manifest["weights"]) == len(manifest["mean"])
@@ -90,8 +108,29 @@ def test_calibrate_router_writes_router_and_curves(calibrated):
     assert (out / "curve.png").stat().st_size > 1000
 
 
+def test_calibrate_router_reports_the_cost_it_saves(calibrated):
+    _, _, out, stdout = calibrated
+    manifest = json.loads((out / "router.json").read_text())
+    assert manifest["costs"]["teacher"]["seconds_per_token"] == 0.01  # --teacher-cost
+    assert manifest["costs"]["student"]["seconds_per_token"] == 0.004  # the student's manifest
+    learned, cascade = manifest["curves"]["learned"], manifest["curves"]["cascade"]
+    assert all(p["cost_saved"] == 0.0 for p in learned if p["student_share"] == 0.0)  # the teacher alone
+    assert all(p["cost_saved"] < 0.0 for p in cascade if p["student_share"] == 0.0)  # the student paid for nothing
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    t, s = sum(a["teacher_tokens"] for a in answers), sum(a["student_tokens"] for a in answers)
+    everything = next(p for p in learned if p["student_share"] == 1.0)  # held-out prompts only: close, not equal
+    assert 0.0 < everything["cost_saved"] < 1.0 and t > 0 and s > 0
+    chosen = manifest["chosen"]
+    assert chosen["cost_saved"] == max(p["cost_saved"] for p in learned if p["quality"] >= 0.95)
+    assert (f"learned: threshold {chosen['threshold']:.4g} sends {chosen['student_share']:.1%} of held-out prompts "
+            f"to the student at quality {chosen['quality']:.3f} and saves {chosen['cost_saved']:.1%} of the teacher's "
+            "cost") in stdout
+    printed = json.loads(stdout[stdout.index("{\n"):stdout.index("\nlearned: ")])
+    assert printed["chosen"]["cost_saved"] == chosen["cost_saved"]
+
+
 def test_learned_policy_follows_the_saved_router(calibrated, tiny_model_dir):
-    folder, student, out = calibrated
+    folder, student, out, _ = calibrated
     router = LearnedRouter.load(out)
     config = {"dtype": "float32", "models": [{"name": "teacher", "model": str(tiny_model_dir)},
                                              {"name": "student", "model": str(student)}],

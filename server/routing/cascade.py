@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from server.engines.remote import UpstreamUnavailable
 from server.model_config import CascadePolicy
+from server.routing.accounting import completion_tokens
 from server.routing.confidence import confidence, response_confidence, token_logprobs
 from server.routing.router import Decision, Router, Run
 
@@ -41,15 +42,16 @@ async def run_cascade(router: Router, name: str, policy: CascadePolicy, call, ru
         decision = Decision(name, policy.student, "cascade", "cascade")
         return await router.run_first(router.fell_back(decision, policy.student, policy.teacher, why),
                                       [policy.teacher], body, run)
-    student_body = with_logprobs(kind, body)
+    student_body = router.book.request_body(name, with_logprobs(kind, body))
     keep_logprobs = asked_logprobs(kind, body)
     try:
         answer = await run(policy.student, student_body)
         if body.stream:
-            head, score, events = await _first_tokens(answer.events, policy)
+            head, score, events, student_tokens = await _first_tokens(answer.events, policy)
         else:
             result = answer.result
             score = response_confidence(result, policy.metric)
+            student_tokens = completion_tokens(result) or 0
     except UpstreamUnavailable:
         decision = Decision(name, policy.student, "cascade", "cascade")
         return await router.run_first(router.fell_back(decision, policy.student, policy.teacher, "unreachable"),
@@ -63,6 +65,7 @@ async def run_cascade(router: Router, name: str, policy: CascadePolicy, call, ru
             answer.events = _replay(head, events, keep_logprobs)
         else:
             answer.result = result if keep_logprobs else _strip(result)
+        router.book.settle(decision, answer, body)
         answer.headers.update(decision.header())
         return answer
     if body.stream:
@@ -70,11 +73,12 @@ async def run_cascade(router: Router, name: str, policy: CascadePolicy, call, ru
     metrics.route_escalations.labels(name).inc()
     decision = Decision(name, policy.teacher, f"escalated {policy.metric} {score:.3f}<{policy.threshold}",
                         "escalated")
-    return await router.run_first(decision, [policy.teacher], body, run)
+    return await router.run_first(decision, [policy.teacher], body, run,
+                                  spent_before=[(policy.student, student_tokens)])
 
 
 async def _first_tokens(events: AsyncIterator[dict], policy: CascadePolicy):
-    """Buffer chunks until K tokens (or the end); return them, the confidence and the rest."""
+    """Buffer chunks until K tokens (or the end); return them, the confidence, the rest and the tokens seen."""
     head: list[dict] = []
     values: list[float] = []
     async for item in events:
@@ -83,7 +87,7 @@ async def _first_tokens(events: AsyncIterator[dict], policy: CascadePolicy):
             values.extend(token_logprobs(choice))
         if len(values) >= policy.first_tokens:
             break
-    return head, confidence(values, policy.metric), events
+    return head, confidence(values, policy.metric), events, len(values)
 
 
 async def _replay(head: list[dict], events: AsyncIterator[dict], keep_logprobs: bool) -> AsyncIterator[dict]:

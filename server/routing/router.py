@@ -16,6 +16,7 @@ from server.engines.remote import UpstreamUnavailable
 from server.errors import ConfigError, NotFound, Overloaded
 from server.model_config import AUTO, CascadePolicy, FixedPolicy, LearnedPolicy, RouterSettings, RulesPolicy
 from server.routing import rules
+from server.routing.accounting import CostBook
 
 log = logging.getLogger(__name__)
 ROUTE_HEADER = "x-slimserve-route"
@@ -28,9 +29,13 @@ class Decision:
     target: str
     reason: str  # free text, for the header
     kind: str  # low-cardinality, for metrics
+    cost_saved: float | None = None  # share of the reference's cost saved (routing/accounting.py)
 
     def header(self) -> dict[str, str]:
-        return {ROUTE_HEADER: f"policy={self.policy}; target={self.target}; reason={self.reason}"}
+        value = f"policy={self.policy}; target={self.target}; reason={self.reason}"
+        if self.cost_saved is not None:
+            value += f"; cost_saved={self.cost_saved:.3f}"
+        return {ROUTE_HEADER: value}
 
 
 class Router:
@@ -46,6 +51,7 @@ class Router:
                     self._learned[name] = LearnedRouter.load(policy.path)
                 except RouterModelError as exc:
                     raise ConfigError(f"router.policies.{name}.path", str(exc)) from exc
+        self.book = CostBook(settings, state.settings, state.engines, state.metrics)
 
     def model_ids(self) -> list[str]:
         return [AUTO, *(f"{AUTO}:{name}" for name in self.settings.policies)]
@@ -126,8 +132,11 @@ class Router:
         log.info("route %s: %s skipped (%s), trying %s", decision.policy, skipped, why, to)
         return Decision(decision.policy, to, f"fallback from {skipped} ({why}) after {decision.reason}", "fallback")
 
-    async def run_first(self, decision: Decision, order: list[str], body, run: Run):
-        """Answer from the first target in `order` that is available; a refused upstream is skipped too."""
+    async def run_first(self, decision: Decision, order: list[str], body, run: Run,
+                        spent_before: list[tuple[str, int]] = ()):
+        """Answer from the first target in `order` that is available; a refused upstream is skipped too.
+        `spent_before`: (target, tokens) already generated for this request (an escalated student's)."""
+        sent = self.book.request_body(decision.policy, body)
         last_error: Exception | None = None
         why: str | None = None  # why the previous target was skipped
         for i, name in enumerate(order):
@@ -137,8 +146,9 @@ class Router:
             if why is not None and i < len(order) - 1:
                 continue
             try:
-                answer = await run(name, body)
+                answer = await run(name, sent)
                 self.record(decision)
+                self.book.settle(decision, answer, body, spent_before)
                 answer.headers.update(decision.header())
                 return answer
             except UpstreamUnavailable as exc:
