@@ -1,7 +1,9 @@
 """Recovery of a quantized model by distillation: train a GPTQ artifact on its own grid.
 
-Each quantized linear of the artifact becomes a `FakeQuantLinear`: a full-precision latent weight
-that starts exactly on the artifact's grid, trainable, and the artifact's scales (trainable only on
+Each quantized linear of the artifact becomes a `FakeQuantLinear`: its integer codes plus a
+trainable offset in grid steps (a latent weight in grid units: with weights as the parameter, one
+learning rate is far too small for large-scale groups and far too large for small ones), and the
+artifact's scales (trainable only on
 request: with Adam, a group's scale moves by about lr per step whatever its size, so small scales
 change by percents per step; on SmolLM2 at lr 5e-5 that took the held-out KL from 0.15 to 3.4 in
 60 steps); the forward
@@ -37,34 +39,51 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class FakeQuantLinear(nn.Module):
+    """A quantized linear whose rounding trains: weight = s * (round(q0 - z + offset) + z clamped - z).
+
+    The trainable `offset` is in grid steps, so one learning rate means the same for every group
+    whatever its scale (as SignRound's rounding perturbation): offset 0 is the artifact itself,
+    and a code flips when its offset passes +-0.5."""
+
     def __init__(self, q: QuantizedLinear, bias: torch.Tensor | None, train_scales: bool = True):
         super().__init__()
         self.bits, self.maxq = q.bits, 2**q.bits - 1
         self.out_features, self.in_features = q.codes.shape
-        self.weight = nn.Parameter(q.dequantize())
-        self.scales = nn.Parameter(q.scales.clone(), requires_grad=train_scales)
         self.register_buffer("zeros", q.zeros.float())
         self.register_buffer("g_idx", q.g_idx.clone())
+        self.register_buffer("codes", q.codes.float())
+        self.offset = nn.Parameter(torch.zeros(self.out_features, self.in_features))
+        self.register_buffer("scales0", q.scales.clone())
+        # scales train in log space, divided by the grid's half-width: a step of lr moves the codes at
+        # the grid's edge by about lr grid steps, as the offsets move (Adam steps every parameter by ~lr)
+        self.log_scale = nn.Parameter(torch.zeros_like(q.scales), requires_grad=train_scales)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.scales0 * torch.exp(self.log_scale / (2 ** (self.bits - 1)))
+
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scales = self.scales + (self.scales.detach().half().float() - self.scales.detach())  # as stored: fp16
+        scales = self.scales
+        scales = scales + (scales.detach().half().float() - scales.detach())  # as stored: fp16
         return scales.t()[:, self.g_idx], self.zeros.t()[:, self.g_idx]
+
+    def _codes(self, ste: bool) -> torch.Tensor:
+        moved = self.codes + self.offset
+        rounded = _round_ste(moved) if ste else torch.round(moved)
+        return torch.clamp(rounded, 0, self.maxq)
 
     def quantized_weight(self) -> torch.Tensor:
         s, z = self._grid()
-        q = torch.clamp(_round_ste(self.weight / s) + z, 0, self.maxq)
-        return s * (q - z)
+        return s * (self._codes(ste=True) - z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()
     def export(self) -> QuantizedLinear:
-        s, z = self._grid()
-        codes = torch.clamp(torch.round(self.weight / s) + z, 0, self.maxq).to(torch.int32)
-        return QuantizedLinear(codes, self.scales.detach().half().float(), self.zeros.to(torch.int32),
-                               self.g_idx, self.bits)
+        return QuantizedLinear(self._codes(ste=False).to(torch.int32), self.scales.detach().half().float(),
+                               self.zeros.to(torch.int32), self.g_idx, self.bits)
 
 
 def gptq_artifact(folder: Path) -> dict | None:
@@ -85,7 +104,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_trainable(folder: Path, train_scales: bool = False) -> nn.Module:
+def load_trainable(folder: Path, train_scales: bool = True) -> nn.Module:
     """The artifact as an fp32 model whose quantized linears are FakeQuantLinear, all else frozen."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
