@@ -112,11 +112,15 @@ async def run(urls: dict[str, str], rounds: int, tokenizer) -> dict:
                 print(f"round {r} {name}: TTFT {first:.3f} s -> {second:.3f} s ({second / first:.2f}x); row "
                       f"{d['row_tok_s_before']:.1f} tok/s before, {d['row_tok_s_during']:.1f} tok/s during a "
                       f"{d['long_ttft_s']:.2f} s prefill, longest gap {d['row_max_gap_s']:.2f} s", flush=True)
-    out["system_prompt_tokens"] = len(tokenizer.apply_chat_template(
-        [{"role": "system", "content": long_text(800, 0)}, {"role": "user", "content": QUESTIONS[0]}]))
-    out["long_prompt_tokens"] = len(tokenizer.apply_chat_template(
-        [{"role": "user", "content": long_text(850, 30) + "\n\nSummarize this."}]))
+    out["system_prompt_tokens"] = _tokens(tokenizer, [{"role": "system", "content": long_text(800, 0)},
+                                                     {"role": "user", "content": QUESTIONS[0]}])
+    out["long_prompt_tokens"] = _tokens(tokenizer, [{"role": "user", "content": long_text(850, 30) + "\n\nSummarize this."}])
     return out
+
+
+def _tokens(tokenizer, messages: list[dict]) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def medians(results: dict, name: str) -> dict:
@@ -164,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         urls = {}
         for name, flags in configs.items():
-            served = stack.enter_context(serving(["--model", args.model, *flags, *args.server_arg],
+            served = stack.enter_context(serving(["--model", args.model, "--served-model-name", "m", *flags, *args.server_arg],
                                                  Path(tmp) / f"{name}.log"))
             urls[name] = served.base_url
         results = asyncio.run(run(urls, args.rounds, tokenizer))
