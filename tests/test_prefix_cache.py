@@ -121,3 +121,14 @@ def test_prefix_cache_evicts_least_recently_used_leaves_first():
     cache.insert(list(range(100, 132)), None, kv)  # two more blocks: the first prompt's last two go
     assert cache.lookup(list(range(64)) + [99], None)[0] == 32
     assert cache.bytes <= cache.max_bytes
+
+
+def test_prefix_cache_counters_in_metrics():
+    from server.engines.base import EngineStats
+    from server.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.render({"m": EngineStats(running=0, waiting=0, prefix_cache_queries=100, prefix_cache_hits=64)})
+    text = metrics.render({"m": EngineStats(running=0, waiting=0, prefix_cache_queries=150, prefix_cache_hits=96)})
+    assert b'slimserve_prefix_cache_queries_total{model="m"} 150.0' in text
+    assert b'slimserve_prefix_cache_hits_total{model="m"} 96.0' in text
