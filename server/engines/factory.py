@@ -113,6 +113,8 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         from server.engines.vllm_engine import VLLMEngine
 
         options = settings.vllm_options()
+        if options.get("enable_prefix_caching"):  # on: vLLM's own default, which it turns off where unsupported
+            del options["enable_prefix_caching"]
         if settings.quantization in VLLM_LOAD_TIME:  # slimserve's names for vLLM's own load-time methods
             options["quantization"] = VLLM_LOAD_TIME[settings.quantization]
         if draft:  # vLLM's draft-model speculative decoding
