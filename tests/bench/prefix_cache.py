@@ -114,7 +114,8 @@ async def run(urls: dict[str, str], rounds: int, tokenizer) -> dict:
                       f"{d['long_ttft_s']:.2f} s prefill, longest gap {d['row_max_gap_s']:.2f} s", flush=True)
     out["system_prompt_tokens"] = _tokens(tokenizer, [{"role": "system", "content": long_text(800, 0)},
                                                      {"role": "user", "content": QUESTIONS[0]}])
-    out["long_prompt_tokens"] = _tokens(tokenizer, [{"role": "user", "content": long_text(850, 30) + "\n\nSummarize this."}])
+    long_prompt = long_text(850, 30) + "\n\nSummarize this."
+    out["long_prompt_tokens"] = _tokens(tokenizer, [{"role": "user", "content": long_prompt}])
     return out
 
 
@@ -168,7 +169,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         urls = {}
         for name, flags in configs.items():
-            served = stack.enter_context(serving(["--model", args.model, "--served-model-name", "m", *flags, *args.server_arg],
+            argv = ["--model", args.model, "--served-model-name", "m", *flags, *args.server_arg]
+            served = stack.enter_context(serving(argv,
                                                  Path(tmp) / f"{name}.log"))
             urls[name] = served.base_url
         results = asyncio.run(run(urls, args.rounds, tokenizer))
@@ -182,7 +184,8 @@ def main() -> None:
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     print(f"\n{summary(machine)}; load average {machine_before['load_avg_1_5_15']} before, "
           f"{machine['load_avg_1_5_15']} after")
-    print(f"system prompt ~{report['system_prompt_tokens']} tokens, long prompt ~{report['long_prompt_tokens']} tokens; "
+    print(f"system prompt ~{report['system_prompt_tokens']} tokens, "
+          f"long prompt ~{report['long_prompt_tokens']} tokens; "
           f"medians of {args.rounds} rounds:")
     for name, m in rows.items():
         print(f"  {name:8s} TTFT first {m['ttft_first_s']:.3f} s, second {m['ttft_second_s']:.3f} s "
