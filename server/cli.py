@@ -62,8 +62,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         if not s.flag:
             continue
         flag, kind = "--" + s.name.replace("_", "-"), not_none(s.type)
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=None, help=s.help)
+        if kind is bool:  # a setting on by default also gets its --no-flag
+            action = argparse.BooleanOptionalAction if s.default is True else "store_true"
+            p.add_argument(flag, action=action, default=None, help=s.help)
             continue
         shown = s.default not in (None, False) and "default" not in s.help
         if typing.get_origin(kind) is dict or kind is dict:  # a mapping, given as JSON on the command line

@@ -101,6 +101,12 @@ class Metrics:
         self.spec_accepted_tokens = Counter("slimserve_spec_decode_num_accepted_tokens", "Speculative decoding: "
                                             "proposed tokens the model accepted.", ["model"], registry=r)
         self._seen_spec: dict[str, tuple[int, int, int]] = {}
+        self.prefix_queries = Counter("slimserve_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache (as vllm:prefix_cache_queries).", ["model"], registry=r)
+        self.prefix_hits = Counter("slimserve_prefix_cache_hits", "Prompt tokens found in the prefix cache: their "
+                                   "keys and values reused, not computed (as vllm:prefix_cache_hits).", ["model"],
+                                   registry=r)
+        self._seen_prefix: dict[str, tuple[int, int]] = {}
         self.gpu_memory = GpuMemory(r)  # no series at all where no GPU exists
         self._process = psutil.Process(os.getpid())
 
@@ -182,6 +188,11 @@ class Metrics:
                                               seen, now):
                 counter.labels(model).inc(max(0, after - before))
             self._seen_spec[model] = now
+            seen = self._seen_prefix.get(model, (0, 0))
+            now = (s.prefix_cache_queries, s.prefix_cache_hits)
+            for counter, before, after in zip((self.prefix_queries, self.prefix_hits), seen, now):
+                counter.labels(model).inc(max(0, after - before))
+            self._seen_prefix[model] = now
         self.lora_info.clear()
         for model, s in engines.items():
             self.lora_info.labels(model, str(s.running_adapters), str(s.waiting_adapters), str(max_loras)).set(1)

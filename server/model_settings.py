@@ -57,6 +57,12 @@ MODEL_SETTINGS: tuple[ModelSetting, ...] = (
     ModelSetting("max_num_seqs", int, 32, "sequences decoded together in one batch", limits={"ge": 1, "le": 1024}),
     ModelSetting("max_prefill_tokens", int, 8192, "padded prompt tokens admitted per prefill step",
                  limits={"ge": 16}),
+    ModelSetting("enable_prefix_caching", bool, True, "reuse the KV of prompt prefixes already computed (shared "
+                 "system prompts, earlier chat turns); --no-enable-prefix-caching turns it off", vllm=True),
+    ModelSetting("prefix_cache_bytes", int, 256 << 20, "torch engine: memory for cached prefixes (least recently "
+                 "used evicted)", limits={"ge": 0}),
+    ModelSetting("max_num_batched_tokens", int | None, None, "prompt tokens prefilled per step while other "
+                 "requests decode (chunked prefill; torch default 256, vllm its own)", limits={"ge": 16}, vllm=True),
     ModelSetting("gpu_memory_utilization", float | None, None, "vllm engine (on CPU: share of RAM for KV)",
                  limits={"gt": 0, "le": 1}, vllm=True),
     ModelSetting("kv_cache_memory_bytes", int | None, None, "vllm engine: KV cache size",

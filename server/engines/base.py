@@ -110,6 +110,8 @@ class EngineStats:
     spec_drafts: int = 0  # cumulative, speculative decoding: drafts checked
     spec_draft_tokens: int = 0  # cumulative: tokens proposed
     spec_accepted_tokens: int = 0  # cumulative: proposed tokens the model accepted
+    prefix_cache_queries: int = 0  # cumulative: prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # cumulative: prompt tokens found there (their KV reused, not computed)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,9 @@ def check_speculative(settings: ServeSettings, setting: str) -> None:
             raise ConfigError(setting, why)
 
 
+_BOTH_ENGINES = ("quantization", "speculative_config", "enable_prefix_caching", "max_num_batched_tokens")
+
+
 def _lora_enabled(settings: ServeSettings) -> bool:
     return bool(settings.lora or settings.adapter_roots or settings.admin_key)
 
@@ -110,6 +113,8 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         from server.engines.vllm_engine import VLLMEngine
 
         options = settings.vllm_options()
+        if options.get("enable_prefix_caching"):  # on: vLLM's own default, which it turns off where unsupported
+            del options["enable_prefix_caching"]
         if settings.quantization in VLLM_LOAD_TIME:  # slimserve's names for vLLM's own load-time methods
             options["quantization"] = VLLM_LOAD_TIME[settings.quantization]
         if draft:  # vLLM's draft-model speculative decoding
@@ -123,7 +128,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
             options=options, trust_remote_code=settings.trust_remote_code,
             enable_lora=_lora_enabled(settings),
         )
-    vllm_only = {k for k in settings.vllm_options() if k not in ("quantization", "speculative_config")}
+    vllm_only = {k for k in settings.vllm_options() if k not in _BOTH_ENGINES}
     if vllm_only:
         raise ConfigError(sorted(vllm_only)[0], "this setting applies to the vllm engine only")
     from server.engines.torch.engine import TorchEngine
@@ -133,7 +138,8 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         settings.model_id, path, dtype=settings.dtype, device=settings.device,
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
         max_prefill_tokens=settings.max_prefill_tokens, trust_remote_code=settings.trust_remote_code,
-        quantization=settings.quantization, lookup=lookup,
+        quantization=settings.quantization, lookup=lookup, enable_prefix_caching=settings.enable_prefix_caching,
+        prefix_cache_bytes=settings.prefix_cache_bytes, max_num_batched_tokens=settings.max_num_batched_tokens,
     )
     if draft:
         engine.attach_draft(draft, num_speculative_tokens)

@@ -36,6 +36,7 @@ class _Stats:
         self.running_loras: dict[str, int] = {}
         self.waiting_loras: dict[str, int] = {}
         self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0  # cumulative
+        self.prefix_queries = self.prefix_hits = 0  # cumulative, prompt tokens
 
 
 def _stat_logger_factory(stats: _Stats):
@@ -52,6 +53,10 @@ def _stat_logger_factory(stats: _Stats):
                 stats.kv_usage = scheduler_stats.kv_cache_usage
                 stats.running_loras = dict(scheduler_stats.running_lora_adapters)
                 stats.waiting_loras = dict(scheduler_stats.waiting_lora_adapters)
+                prefix = getattr(scheduler_stats, "prefix_cache_stats", None)  # this step's, in tokens
+                if prefix is not None:
+                    stats.prefix_queries += prefix.queries
+                    stats.prefix_hits += prefix.hits
                 spec = getattr(scheduler_stats, "spec_decoding_stats", None)
                 if spec is not None:
                     stats.spec_drafts += spec.num_drafts
@@ -288,7 +293,8 @@ class VLLMEngine(HFTokenizing):
                            kv_cache_bytes=tokens * self.kv_token_bytes, aborted=self.aborted,
                            preemptions=s.preemptions, running_adapters=sum(s.running_loras.values()),
                            waiting_adapters=sum(s.waiting_loras.values()), spec_drafts=s.spec_drafts,
-                           spec_draft_tokens=s.spec_draft_tokens, spec_accepted_tokens=s.spec_accepted_tokens)
+                           spec_draft_tokens=s.spec_draft_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
+                           prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

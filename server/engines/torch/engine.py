@@ -20,11 +20,14 @@ from server.engines.adapter_slots import AdapterSlots
 from server.engines.speculation_config import NgramConfig
 from server.engines.torch.dtype_choice import DtypeChoice, choose_dtype
 from server.engines.torch.lora import LoRAManager
+from server.engines.torch.prefix_cache import PrefixCache
 from server.engines.torch.scheduler import BatchScheduler
 from server.engines.tokenizing import HFTokenizing
 from server.errors import APIError, ConfigError, EngineError, NotFound
 
 log = logging.getLogger(__name__)
+DEFAULT_PREFIX_CACHE_BYTES = 256 << 20  # ~5,600 tokens of SmolLM2-135M's KV in fp32
+DEFAULT_CHUNK_TOKENS = 256  # prompt tokens per step while rows decode (measured: docs/performance.md)
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,7 +47,8 @@ class TorchEngine(HFTokenizing):
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None,
                  dtype_choice: DtypeChoice | None = None, quantization_kernel: str | None = None,
-                 lookup: NgramConfig | None = None):
+                 lookup: NgramConfig | None = None, enable_prefix_caching: bool = True,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, max_num_batched_tokens: int | None = None):
         from compress.load_time import weight_bytes
 
         self.model_id = model_id
@@ -73,13 +77,16 @@ class TorchEngine(HFTokenizing):
             model, tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens, device=device, pad_id=pad, lora=self.lora,
             slots=self.adapter_slots, lookup=lookup,
+            prefix_cache=PrefixCache(prefix_cache_bytes) if enable_prefix_caching else None,
+            chunk_tokens=max_num_batched_tokens or DEFAULT_CHUNK_TOKENS,
         )
 
     @classmethod
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", device: str = "auto",
              max_model_len: int | None = None, max_num_seqs: int = 32, max_prefill_tokens: int = 8192,
              trust_remote_code: bool = False, quantization: str | None = None,
-             lookup: NgramConfig | None = None) -> "TorchEngine":
+             lookup: NgramConfig | None = None, **batching) -> "TorchEngine":
+        """`batching`: enable_prefix_caching, prefix_cache_bytes, max_num_batched_tokens (see __init__)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
@@ -127,7 +134,7 @@ class TorchEngine(HFTokenizing):
                  choice.reason)
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method,
-                   dtype_choice=choice, quantization_kernel=kernel, lookup=lookup)
+                   dtype_choice=choice, quantization_kernel=kernel, lookup=lookup, **batching)
 
     def attach_draft(self, path: str, num_tokens: int) -> None:
         from server.engines.torch.speculative import SpeculativeDecoder, load_draft
@@ -229,12 +236,15 @@ class TorchEngine(HFTokenizing):
 
     def stats(self) -> EngineStats:
         running, waiting, kv = self._scheduler.counts()
+        cache = self._scheduler.prefix_cache
         budget = self._scheduler.max_num_seqs * self.max_model_len  # KV rows x context
         return EngineStats(running=running, waiting=waiting, kv_cache_tokens=kv, kv_cache_usage=min(1.0, kv / budget),
                            kv_cache_bytes=self._scheduler.runner.kv_bytes(), aborted=self._scheduler.aborted,
                            running_adapters=self._scheduler.running_with_adapters(),
                            spec_drafts=self._scheduler.spec.drafts, spec_draft_tokens=self._scheduler.spec.proposed,
-                           spec_accepted_tokens=self._scheduler.spec.accepted)
+                           spec_accepted_tokens=self._scheduler.spec.accepted,
+                           prefix_cache_queries=cache.queried if cache else 0,
+                           prefix_cache_hits=cache.hits if cache else 0)
 
     async def start(self) -> None:
         self._scheduler.start()

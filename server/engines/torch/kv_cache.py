@@ -144,3 +144,32 @@ def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     if missing == 0:
         return mask
     return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
+
+
+# ---- one sequence's KV on its own, [layers, 2, heads, length, dim]: prefix cache blocks, chunked prefill ----
+def stack_rows(rows: list[torch.Tensor | None], num_layers: int, spare: int = 0) -> tuple[BatchCache, torch.Tensor]:
+    """A BatchCache of these sequences' KV (None: nothing yet), left-padded to the longest, with `spare`
+    free columns; and its mask [rows, length]."""
+    length = max((0 if r is None else r.shape[3]) for r in rows)
+    cache = BatchCache(num_layers)
+    like = next((r for r in rows if r is not None), None)
+    device = like.device if like is not None else None
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    if like is None:
+        return cache, mask
+    layers, _, heads, _, dim = like.shape
+    kv = like.new_zeros((layers, 2, len(rows), heads, length, dim))
+    for i, r in enumerate(rows):
+        if r is not None and r.shape[3]:
+            kv[:, :, i, :, length - r.shape[3]:] = r
+            mask[i, length - r.shape[3]:] = 1
+    for layer, (keys, values) in zip(cache.layers, kv):
+        layer.set(keys, values, spare=spare)
+    return cache, mask
+
+
+def row_kv(cache: BatchCache, mask: torch.Tensor, row: int) -> torch.Tensor:
+    """One row's live columns (mask 1), in order, as [layers, 2, heads, length, dim]."""
+    live = torch.nonzero(mask[row]).squeeze(1)
+    return torch.stack([torch.stack([layer.keys[row].index_select(1, live), layer.values[row].index_select(1, live)])
+                        for layer in cache.layers])

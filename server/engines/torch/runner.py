@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engines.torch.kv_cache import BatchCache, merge
+from server.engines.torch.kv_cache import BatchCache, merge, row_kv, stack_rows
 
 _TRIM_MIN_COLUMNS = 32
 
@@ -43,6 +43,30 @@ class ModelRunner:
                          position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
                          logits_to_keep=0 if every_position else 1)
         return out.logits, (cache, mask.to(self.device))
+
+    def extend(self, pasts: list[torch.Tensor | None], chunks: list[list[int]]):
+        """Prefill the next chunk of each prompt over that sequence's own KV so far (pasts: [layers, 2, heads,
+        computed, dim] from the prefix cache or earlier chunks; None: nothing yet). Pasts and chunks are each
+        left-padded, so a row whose chunk is short has masked holes between them. Returns the last position's
+        logits [rows, vocab] and each row's KV after the chunk (live columns only)."""
+        cache, past_mask = stack_rows(pasts, self.num_layers, spare=max(len(c) for c in chunks))
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        pos = torch.zeros((len(chunks), width), dtype=torch.long)
+        for i, (chunk, past) in enumerate(zip(chunks, pasts)):
+            done = 0 if past is None else past.shape[3]
+            ids[i, width - len(chunk):] = torch.tensor(chunk)
+            mask[i, width - len(chunk):] = 1
+            pos[i, width - len(chunk):] = torch.arange(done, done + len(chunk))
+        mask = torch.cat([past_mask, mask.to(self.device)], dim=1)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], [row_kv(cache, mask, i) for i in range(len(chunks))]
+
+    def join_rows(self, kvs: list[torch.Tensor]) -> None:
+        """Add whole prefilled sequences (their KV as `extend` returns it) to the running batch."""
+        self.join(stack_rows(kvs, self.num_layers, spare=64))
 
     def join(self, new_rows) -> None:
         cache, mask = new_rows

@@ -1,7 +1,9 @@
 """Continuous batching for the PyTorch engine, run in one worker thread.
 
-Each loop: run queued jobs, admit waiting requests (admission.py), prefill them together and merge
-their KV rows into the running batch (runner.py), then run one decode step for every running
+Each loop: run queued jobs, admit waiting requests (admission.py), look up each new prompt's cached
+prefix (prefix_cache.py), prefill the next chunk of the prompts still prefilling together (chunking.py:
+a token budget per step while rows decode, so a long prompt never stalls them for its whole length),
+merge the KV rows of those done into the running batch (runner.py), then run one decode step for every running
 sequence and accept each row's token (acceptance.py). With prompt lookup on (prompt_lookup.py), the
 step also feeds each greedy row its draft and accepts, per row, the tokens the model agrees with. Finished and aborted sequences leave the batch
 between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
@@ -22,6 +24,8 @@ from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.torch.acceptance import TokenAcceptor
 from server.engines.speculation_config import NgramConfig
 from server.engines.torch.admission import Admission
+from server.engines.torch.chunking import plan_chunks
+from server.engines.torch.prefix_cache import PrefixCache
 from server.engines.torch.prompt_lookup import RowDraft, StepCost, choose_width, eligible as lookup_eligible
 from server.engines.torch.runner import ModelRunner
 from server.engines.torch.sampling import Picked, RowState, pick_tokens, score_prompt
@@ -42,6 +46,8 @@ class Sequence:
     slot: int | None = None  # LoRA slot, held from submit to finish
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
     draft: RowDraft | None = None  # prompt lookup, for rows it applies to
+    computed: int = 0  # prompt tokens whose KV is known (cached prefix, earlier chunks)
+    kv: torch.Tensor | None = None  # that KV, [layers, 2, heads, computed, dim], until the row joins the batch
 
     @property
     def prompt_len(self) -> int:
@@ -56,7 +62,8 @@ class Sequence:
 class BatchScheduler:
     def __init__(self, model, tokenizer, *, eos_ids: set[int], max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, pad_id: int, lora=None, slots=None,
-                 lookup: NgramConfig | None = None):
+                 lookup: NgramConfig | None = None, prefix_cache: PrefixCache | None = None,
+                 chunk_tokens: int = 256):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
@@ -68,6 +75,9 @@ class BatchScheduler:
         self.runner = ModelRunner(model, device, pad_id)
         self._rows: list[Sequence] = []
         self._admitting: list[Sequence] = []  # left the queue, not yet in the batch
+        self._prefilling: list[Sequence] = []  # prompts being prefilled, chunk by chunk, in arrival order
+        self.prefix_cache = prefix_cache  # None: off
+        self.chunk_tokens = chunk_tokens  # prompt tokens per step while rows decode
         self._shared_gen = torch.Generator(device="cpu")
         self._shared_gen.seed()
         self._thread: threading.Thread | None = None
@@ -109,7 +119,7 @@ class BatchScheduler:
 
     def counts(self) -> tuple[int, int, int]:
         rows = len(self._rows)
-        return rows, self.queue.waiting(), self.runner.kv_tokens(rows)
+        return rows + len(self._prefilling), self.queue.waiting(), self.runner.kv_tokens(rows)
 
     def running_with_adapters(self) -> int:
         return sum(1 for s in list(self._rows) if s.slot is not None)
@@ -132,13 +142,13 @@ class BatchScheduler:
             self._loop()
         finally:  # stopped, or died: nothing may wait forever on a thread that is gone
             queued, jobs = self.queue.drain()
-            self._fail(queued + self._admitting + self._rows, EngineError("the engine stopped"))
+            self._fail(queued + self._admitting + self._prefilling + self._rows, EngineError("the engine stopped"))
             for _, future in jobs:
                 future.set_exception(EngineError("the engine stopped"))
 
     def _loop(self) -> None:
         while True:
-            step = self.queue.next_step(len(self._rows))
+            step = self.queue.next_step(len(self._rows) + len(self._prefilling))
             if step is None:
                 break
             jobs, new, dropped = step
@@ -156,8 +166,8 @@ class BatchScheduler:
             self._inject(new, "kill")
             try:
                 with torch.inference_mode():
-                    if new:
-                        self._prefill(new)
+                    self._begin_prefill(new)
+                    self._prefill_step()
                     self._drop_finished()
                     if self._rows:
                         self._decode()
@@ -165,38 +175,84 @@ class BatchScheduler:
                 self.steps += 1
             except Exception as exc:  # a failed decode step fails the sequences in it; the engine goes on
                 log.exception("engine step failed")
-                self._fail(new + self._rows, exc)
+                self._fail(new + self._prefilling + self._rows, exc)
 
-    def _prefill(self, new: list[Sequence]) -> None:
-        alone = [s for s in new if _scores_prompt(s)]
-        if alone and len(new) > 1:  # prompt scoring needs every position's logits: those rows go one by one
-            rest = [s for s in new if not _scores_prompt(s)]
-            for group in ([rest] if rest else []) + [[s] for s in alone]:
-                self._prefill(group)
+    def _begin_prefill(self, new: list[Sequence]) -> None:
+        """New prompts start prefilling from their longest cached prefix. Rows that score their prompt need
+        every position's logits: they are prefilled whole, alone, at once (no cache, no chunks)."""
+        for seq in new:
+            if _scores_prompt(seq):
+                self._prefill_scored(seq)
+                continue
+            if self.prefix_cache is not None:
+                seq.computed, seq.kv = self.prefix_cache.lookup(seq.row.prompt_ids, seq.slot)
+            self._prefilling.append(seq)
+
+    def _prefill_step(self) -> None:
+        """One forward over the next chunk of the prompts prefilling; those done join the batch."""
+        for seq in self._prefilling:
+            if seq.aborted and not seq.done:
+                self._finish(seq, Chunk("", [], finish_reason="abort"))
+        self._prefilling = [s for s in self._prefilling if not s.done]
+        if not self._prefilling:
             return
+        budget = self.chunk_tokens if self._rows else self.queue.max_prefill_tokens
+        plan = plan_chunks([s.prompt_len - s.computed for s in self._prefilling], budget)
+        self._extend([(s, n) for s, n in zip(self._prefilling, plan) if n])
+
+    def _extend(self, group: list[tuple[Sequence, int]]) -> None:
+        seqs = [s for s, _ in group]
         try:  # a failed prefill never touches the running batch; retried one by one, it fails only the culprit
-            self._inject(new, "prefill")
-            self._route_adapters(new)
-            logits, rows = self.runner.prefill([s.row.prompt_ids for s in new], every_position=bool(alone))
+            self._inject(seqs, "prefill")
+            self._route_adapters(seqs)
+            logits, kvs = self.runner.extend([s.kv for s in seqs],
+                                             [s.row.prompt_ids[s.computed:s.computed + n] for s, n in group])
         except Exception as exc:
-            if len(new) == 1:
-                log.exception("prefill of %s failed", new[0].req.request_id)
-                self._fail(new, exc)
+            if len(group) == 1:
+                log.exception("prefill of %s failed", seqs[0].req.request_id)
+                self._fail(seqs, exc)
             else:
-                log.warning("prefill of %d sequences failed (%s); prefilling them one by one", len(new), exc)
-                for seq in new:
-                    self._prefill([seq])
+                log.warning("prefill of %d sequences failed (%s); prefilling them one by one", len(group), exc)
+                for item in group:
+                    self._extend([item])
             return
-        if alone:
-            seq = new[0]
-            self._score_prompt(seq, logits[0])
-            if seq.req.params.max_tokens == 0:  # echo with max_tokens 0: score the prompt, generate nothing
-                self._finish(seq, Chunk("", [], finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
-                return
-        picked = self._pick(logits[:, -1, :].float(), new)
+        done = []
+        for i, ((seq, n), kv) in enumerate(zip(group, kvs)):
+            seq.computed += n
+            seq.kv = kv
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(seq.row.prompt_ids[:seq.computed], seq.slot, kv)
+            if seq.computed == seq.prompt_len:
+                done.append(i)
+        if not done:
+            return
+        joining = [seqs[i] for i in done]
+        picked = self._pick(logits[done].float(), joining)
+        self.runner.join_rows([s.kv for s in joining])
+        joined = {id(s) for s in joining}
+        for seq in joining:
+            seq.kv = None
+        self._prefilling = [s for s in self._prefilling if id(s) not in joined]
+        self._rows.extend(joining)
+        self._accept(joining, picked)
+
+    def _prefill_scored(self, seq: Sequence) -> None:
+        try:
+            self._inject([seq], "prefill")
+            self._route_adapters([seq])
+            logits, rows = self.runner.prefill([seq.row.prompt_ids], every_position=True)
+        except Exception as exc:
+            log.exception("prefill of %s failed", seq.req.request_id)
+            self._fail([seq], exc)
+            return
+        self._score_prompt(seq, logits[0])
+        if seq.req.params.max_tokens == 0:  # echo with max_tokens 0: score the prompt, generate nothing
+            self._finish(seq, Chunk("", [], finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
+            return
+        picked = self._pick(logits[:, -1, :].float(), [seq])
         self.runner.join(rows)
-        self._rows.extend(new)
-        self._accept(new, picked)
+        self._rows.append(seq)
+        self._accept([seq], picked)
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
         k = seq.req.params.prompt_logprobs
@@ -369,6 +425,7 @@ class BatchScheduler:
         if keep_rows:
             return
         failed = {id(s) for s in seqs}
+        self._prefilling = [s for s in self._prefilling if id(s) not in failed]
         self._rows = [s for s in self._rows if id(s) not in failed]
         if not self._rows:
             self.runner.clear()
