@@ -43,8 +43,15 @@ def load_variant(spec: str, dtype: torch.dtype = torch.bfloat16):
     kwargs = {}
     if method:
         kwargs = {"quantization_config": load_time_config(method, dtype), "device_map": "cpu"}
+    from transformers import AutoConfig
+
+    from compress.mixed_gptq import is_mixed_gptq, load_dequantized
+
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    if not method and is_mixed_gptq(AutoConfig.from_pretrained(folder)):
+        model = load_dequantized(Path(folder), dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
     seconds = time.perf_counter() - start
     return model, AutoTokenizer.from_pretrained(folder), Path(folder), seconds
 

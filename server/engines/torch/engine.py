@@ -113,9 +113,14 @@ class TorchEngine(HFTokenizing):
                           "device_map": str(dev)}
             except QuantizationUnavailable as exc:
                 raise ConfigError("quantization", str(exc)) from exc
+        from compress.mixed_gptq import is_mixed_gptq, load_dequantized
+
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                         trust_remote_code=trust_remote_code, **kwargs)
+            if is_mixed_gptq(config):  # per-layer bits: transformers cannot build it (compress/mixed_gptq.py)
+                model = load_dequantized(Path(path), torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                             trust_remote_code=trust_remote_code, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ConfigError("model", f"{path!s} is not a loadable causal LM: {exc}") from exc
