@@ -37,7 +37,7 @@ RECIPES = {
     "gptq-actorder-g32-asym": dict(method="gptq", act_order=True, group_size=32, sym=False),
     "rtn-8bit": dict(method="rtn", module_bits={EIGHT: 8}),
     "autoround-8bit": dict(method="autoround", iters=4, module_bits={EIGHT: 8}),
-    "awq-scale-one-noclip": dict(method="awq", sym=False, awq_scale_one=True, awq_clip=False),
+    "awq-scale-one-noclip": dict(method="awq", sym=False),  # the defaults: scale 1 searched, no clipping
 }
 
 
@@ -155,7 +155,7 @@ def test_awq_scale_one_is_searched(made):
     ({"module_bits": {EIGHT: 5}}, "must be one of"),
     ({"module_bits": {EIGHT: 8}, "method": "awq"}, "module_bits applies"),
     ({"mse": 2.4, "method": "rtn"}, "mse"),
-    ({"awq_scale_one": True}, "apply to --method awq"),
+    ({"awq_clip": True}, "applies to --method awq"),
     ({"method": "autoround", "calib": None}, "needs calibration"),
 ])
 def test_bad_recipes_fail_before_work(tiny_model_dir, tmp_path, calib, change, message):
