@@ -8,6 +8,7 @@ stored, so a flag that silently stops reaching the backend fails here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -33,7 +34,8 @@ def calib(tmp_path_factory):
 
 RECIPES = {
     "gptq-plain": dict(method="gptq"),
-    "gptq-mse-8bit": dict(method="gptq", mse=2.4, module_bits={EIGHT: 8}),
+    "gptq-mse": dict(method="gptq", mse=2.4),
+    "gptq-8bit": dict(method="gptq", module_bits={EIGHT: 8}),
     "gptq-actorder-g32-asym": dict(method="gptq", act_order=True, group_size=32, sym=False),
     "rtn-8bit": dict(method="rtn", module_bits={EIGHT: 8}),
     "autoround-8bit": dict(method="autoround", iters=4, module_bits={EIGHT: 8}),
@@ -74,21 +76,33 @@ def _kl(p, q) -> float:
                                             reduction="none").sum(-1).mean())
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+MIXED = [n for n, kw in RECIPES.items() if kw.get("module_bits")]
+# transformers 5.19 + GPTQModel 7.6 build every GPTQ module at the top-level bits: the 8-bit module
+# fails in the int4 aten kernel (`shape [4, 128] is invalid`), or with `backend: torch` loads as
+# noise (KL ~ an unrelated model's). Strict: this fails once loading per-module bits works.
+LOADS = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="the PyTorch engine cannot load "
+                                                 "per-module bits yet")) if n in MIXED else n for n in RECIPES]
+
+
+@pytest.mark.parametrize("name", LOADS)
 def test_recipe_loads_generates_stays_close_and_reports_its_bits(made, reference_kl, name):
     folder, report = made[name]
     ref, unrelated = reference_kl
     engine = TorchEngine.load("q", folder, dtype="float32")
     kl = _kl(ref, _logits(engine))
     assert kl < 0.33 * unrelated, f"{name}: KL {kl:.4f} vs unrelated {unrelated:.4f}"
-    assert len(greedy_tokens(engine, [("The capital of France is", None)], max_tokens=6)[0]) == 6
+    asyncio.run(engine.start())  # the scheduler thread that generate() feeds
+    try:
+        assert len(greedy_tokens(engine, [("The capital of France is", None)], max_tokens=6)[0]) == 6
+    finally:
+        asyncio.run(engine.shutdown())
     manifest = read_manifest(folder)
     assert manifest["bits_per_weight"] == artifact_bits(folder)
     assert 4 < manifest["bits_per_weight"]["linear"] < 9
     assert manifest["module_bits"] == (RECIPES[name].get("module_bits") or {})
 
 
-@pytest.mark.parametrize("name", ["gptq-mse-8bit", "rtn-8bit", "autoround-8bit"])
+@pytest.mark.parametrize("name", MIXED)
 def test_an_8bit_override_is_stored_at_8_bits_and_declared_for_the_loaders(made, name):
     folder, _ = made[name]
     stored = {m.name: m for m in linear_modules(folder)}
@@ -121,9 +135,9 @@ def test_clipping_search_shrinks_ranges(made):
         with safe_open(header_file, "pt") as f:
             return float(f.get_tensor("model.layers.1.mlp.up_proj.scales").float().mean())
 
-    plain, mse = mean_scale(made["gptq-plain"][0]), mean_scale(made["gptq-mse-8bit"][0])
+    plain, mse = mean_scale(made["gptq-plain"][0]), mean_scale(made["gptq-mse"][0])
     assert mse < plain
-    assert json.loads((made["gptq-mse-8bit"][0] / "config.json").read_text())["quantization_config"]["meta"]["mse"] == 2.4
+    assert json.loads((made["gptq-mse"][0] / "config.json").read_text())["quantization_config"]["meta"]["mse"] == 2.4
 
 
 def test_act_order_and_asymmetric_groups_reach_the_artifact(made):
