@@ -65,7 +65,10 @@ def backend_version(backend: str) -> str:
 
 def recipe_of(spec: QuantizeSpec) -> dict:
     fields = asdict(spec)
-    return {k: fields[k] for k in RECIPE_FIELDS}
+    recipe = {k: fields[k] for k in RECIPE_FIELDS}
+    if spec.method == "awq":  # AWQ's defaults changed (clipping off, scale 1 searched): new keys for AWQ only
+        recipe.update(awq_clip=spec.awq_clip, awq_scale_one=spec.awq_scale_one)
+    return recipe
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,11 @@ def add_parser(sub) -> None:
     q.add_argument("--module-bits", action="append", default=[], metavar="NAME=BITS",
                    help="bits for one linear layer, e.g. model.layers.0.mlp.down_proj=8 (repeatable)")
     q.add_argument("--iters", type=int, default=50, help="autoround: SignRound steps per decoder block")
-    q.add_argument("--awq-no-clip", dest="awq_clip", action="store_false", help="AWQ: skip the clipping fit")
-    q.add_argument("--awq-scale-one", action="store_true", help="AWQ: the scale search may keep weights unscaled")
+    q.add_argument("--awq-clip", action="store_true", help="AWQ: fit clipping ranges (GPTQModel's way; off: it "
+                                                           "cost SmolLM2 more than it gained)")
+    q.add_argument("--awq-no-clip", dest="awq_clip", action="store_false", help=argparse.SUPPRESS)  # the default
+    q.add_argument("--awq-no-scale-one", dest="awq_scale_one", action="store_false",
+                   help="AWQ: GPTQModel's scale search as it is (never tries unscaled weights)")
     budget = q.add_mutually_exclusive_group()
     budget.add_argument("--avg-bits", type=float, metavar="B", help="mixed precision: 8-bit layers where the "
                         "sensitivity scan says they pay, average stored bits per weight <= B (e.g. 4.6)")

@@ -121,7 +121,12 @@ def schemes_for(quant_method: str | None, config: dict | None) -> list[Scheme]:
     if method in WNA16_METHODS:
         bits = _int(qc.get("bits", qc.get("w_bit", qc.get("num_bits")))) or 4
         name = "AWQ" if "awq" in method else "GPTQ"
-        return [Scheme("wna16", f"{name} {bits}-bit", bits)]
+        # GPTQModel's per-module overrides (`dynamic`, e.g. `compress quantize --module-bits`) are
+        # layers of other widths: each width is a scheme the kernels must run too
+        overrides = {_int(v.get("bits")) for k, v in (qc.get("dynamic") or {}).items()
+                     if isinstance(v, dict) and not str(k).startswith("-:") and _int(v.get("bits"))} - {bits}
+        return [Scheme("wna16", f"{name} {bits}-bit", bits)] + [
+            Scheme("wna16", f"{name} with {b}-bit modules (per-module bits)", b) for b in sorted(overrides)]
     if method == "compressed_tensors":
         return _ct_schemes(qc)
     if method in FP8_METHODS:
