@@ -87,6 +87,7 @@ def test_budget_keeps_the_most_sensitive_and_respects_the_average():
 def test_quantize_with_a_budget_stores_8_bits_where_the_scan_says(fragile, tmp_path):
     """End to end on GPTQModel: the plan's 8-bit layers are stored at 8 bits, the manifest's bits per
     weight (from the files) match the plan, and the artifact loads and generates in the PyTorch engine."""
+    import asyncio
     import json
     import subprocess
     import sys
@@ -113,4 +114,8 @@ def test_quantize_with_a_budget_stores_8_bits_where_the_scan_says(fragile, tmp_p
     from tests.engine_run import greedy_tokens
 
     engine = TorchEngine.load("mixed", out, dtype="float32")
-    assert len(greedy_tokens(engine, [("The capital of France is", None)], max_tokens=4)[0]) == 4
+    asyncio.run(engine.start())  # the scheduler thread that generate() feeds
+    try:
+        assert len(greedy_tokens(engine, [("The capital of France is", None)], max_tokens=4)[0]) == 4
+    finally:
+        asyncio.run(engine.shutdown())
