@@ -41,7 +41,9 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_model_dir, tmp_path)
     server = _start(tiny_model_dir, tmp_path, grace=120)
     out: dict = {}
     started = threading.Event()
-    t = threading.Thread(target=_stream, args=(server, out, started))
+    # 1800 tokens (of its 2048 positions): the tiny model streams 300 in ~0.25 s on a quiet CPU, which
+    # could end before the checks below ran (CI saw /ready refused: the drained server had exited)
+    t = threading.Thread(target=_stream, args=(server, out, started, 1800))
     t.start()
     assert started.wait(60)
     server.proc.send_signal(signal.SIGTERM)
@@ -57,7 +59,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_model_dir, tmp_path)
     assert events[-1] == "[DONE]"
     finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"]]
     assert finishes[-1] == "length"  # the whole stream, not a cut-off one
-    assert json.loads(events[-2])["usage"]["completion_tokens"] == 300
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 1800
     assert server.proc.wait(timeout=60) == 0
     assert "drained" in (tmp_path / "server.log").read_text()
 
