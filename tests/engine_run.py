@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
+
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 
 
@@ -21,3 +23,16 @@ def greedy_tokens(engine, items: list[tuple[str, str | None]], max_tokens: int =
         return await asyncio.gather(*[one(i, p, a) for i, (p, a) in enumerate(items)])
 
     return asyncio.run(run())
+
+
+def prompt_logits(engine, text: str) -> torch.Tensor:
+    """The engine's model's next-token logits [positions, vocab] over `text`, in fp32."""
+    ids = torch.tensor([engine.tokenizer.encode(text)])
+    with torch.no_grad():
+        return engine.model(ids).logits.float()[0]
+
+
+def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean KL(p || q) per position, from logits."""
+    return float(torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True,
+                                            reduction="none").sum(-1).mean())

@@ -17,6 +17,7 @@ import torch
 from compress.manifest import read_manifest
 from compress.quantize import QuantizeError, QuantizeSpec, llmcompressor_python, quantize
 from server.engines.torch.engine import TorchEngine
+from tests.engine_run import mean_kl, prompt_logits
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog near river number {i}." for i in range(200))
 
@@ -78,14 +79,10 @@ def test_llmcompressor_artifacts_are_compressed_tensors_and_load(tiny_model_dir,
 
 
 def _logits(engine) -> torch.Tensor:
-    ids = torch.tensor([engine.tokenizer.encode(TEXT[:400])])
-    with torch.no_grad():
-        return engine.model(ids).logits.float()[0]
+    return prompt_logits(engine, TEXT[:400])
 
 
-def _kl(p, q) -> float:
-    return float(torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True,
-                                            reduction="none").sum(-1).mean())
+_kl = mean_kl
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])

@@ -17,7 +17,7 @@ import torch
 from compress.bit_cost import artifact_bits, linear_modules, read_header
 from compress.manifest import read_manifest
 from compress.quantize import QuantizeError, QuantizeSpec, dynamic_overrides, quantize
-from engine_run import greedy_tokens
+from engine_run import greedy_tokens, mean_kl, prompt_logits
 from server.engines.torch.engine import TorchEngine
 from server.engines.vllm_kernels import schemes_for
 
@@ -66,14 +66,10 @@ def reference_kl(tiny_model_dir, tmp_path_factory):
 
 
 def _logits(engine) -> torch.Tensor:
-    ids = torch.tensor([engine.tokenizer.encode(TEXT[:400])])
-    with torch.no_grad():
-        return engine.model(ids).logits.float()[0]
+    return prompt_logits(engine, TEXT[:400])
 
 
-def _kl(p, q) -> float:
-    return float(torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True,
-                                            reduction="none").sum(-1).mean())
+_kl = mean_kl
 
 
 MIXED = [n for n, kw in RECIPES.items() if kw.get("module_bits")]
