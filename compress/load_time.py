@@ -53,7 +53,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
                 continue  # tied weights count once
             seen.add(key)
             total += inner.numel() * inner.element_size()
-    return total
+    # weights kept outside parameters and buffers (opaque prepacked tensors) report their own size
+    return total + sum(int(getattr(m, "extra_weight_bytes", 0)) for m in model.modules())
 
 
 def _leaves(t: torch.Tensor) -> list[torch.Tensor]:

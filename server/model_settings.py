@@ -61,6 +61,8 @@ MODEL_SETTINGS: tuple[ModelSetting, ...] = (
                  "system prompts, earlier chat turns); --no-enable-prefix-caching turns it off", vllm=True),
     ModelSetting("prefix_cache_bytes", int, 256 << 20, "torch engine: memory for cached prefixes (least recently "
                  "used evicted)", limits={"ge": 0}),
+    ModelSetting("prepack_weights", bool, True, "torch engine on CPU: full-precision linears on weights prepacked "
+                 "once for oneDNN where a probe at load measures it faster (--no-prepack-weights: nn.Linear)"),
     ModelSetting("max_num_batched_tokens", int | None, None, "prompt tokens prefilled per step while other "
                  "requests decode (chunked prefill; torch default 256, vllm its own)", limits={"ge": 16}, vllm=True),
     ModelSetting("gpu_memory_utilization", float | None, None, "vllm engine (on CPU: share of RAM for KV)",

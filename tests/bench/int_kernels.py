@@ -1,5 +1,6 @@
-"""Decode speed of load-time int8/int4 on the PyTorch engine: torch's packed kernels (new) against the
-torchao / bitsandbytes path (old) and full precision, at batch 1 and 8, in process.
+"""Decode speed of the PyTorch engine's linear kernels, at batch 1 and 8, in process: full precision on
+oneDNN-prepacked weights (the default) and on plain nn.Linear (`-eager`), load-time int8/int4 on torch's
+packed kernels, and the older torchao / bitsandbytes path.
 
     python -m tests.bench.int_kernels                 # SmolLM2-135M-Instruct, the embedded default
     python -m tests.bench.int_kernels --profile       # plus the top ops of a batch-1 decode per variant
@@ -29,12 +30,15 @@ from tests.bench.machine import describe, summary
 
 FIGURES = Path(__file__).parent / "figures"
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
-VARIANTS = ("fp32", "bf16", "int8", "int4", "int8-torchao", "int4-bnb")
+VARIANTS = ("fp32", "bf16", "fp32-eager", "bf16-eager", "int8", "int4", "int8-torchao", "int4-bnb")
+FULL = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def load(variant: str, path: str) -> TorchEngine:
-    if variant in ("fp32", "bf16"):
-        return TorchEngine.load(variant, path, dtype={"fp32": "float32", "bf16": "bfloat16"}[variant])
+    if variant in FULL:  # linears on oneDNN-prepacked weights where that measured faster (engine default)
+        return TorchEngine.load(variant, path, dtype=FULL[variant])
+    if variant.endswith("-eager"):  # plain nn.Linear, as before #19 item 2
+        return TorchEngine.load(variant, path, dtype=FULL[variant.removesuffix("-eager")], prepack_weights=False)
     if variant in ("int8", "int4"):
         return TorchEngine.load(variant, path, dtype="auto", quantization=variant)
     # the old path, as TorchEngine.load ran it before: a transformers quantization_config
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m tests.bench.int_kernels" + (" --profile" if args.profile else ""), "variants": {}}
     for v in variants:
         e = engines[v]
-        row = {"dtype": e.dtype_choice.name, "weight_bytes": e.weight_bytes,
+        row = {"dtype": e.dtype_choice.name, "weight_bytes": e.weight_bytes, "linear_kernel": e.linear_kernel,
                **{f"batch{b}_tok_s": max(out["rates"][v][b]) for b in batches},
                **{f"batch{b}_median_tok_s": statistics.median(out["rates"][v][b]) for b in batches},
                **{f"batch{b}_reps": out["rates"][v][b] for b in batches}}

@@ -47,7 +47,7 @@ class TorchEngine(HFTokenizing):
     def __init__(self, model_id: str, model, tokenizer, *, max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None,
                  dtype_choice: DtypeChoice | None = None, quantization_kernel: str | None = None,
-                 lookup: NgramConfig | None = None, enable_prefix_caching: bool = True,
+                 linear_kernel: str | None = None, lookup: NgramConfig | None = None, enable_prefix_caching: bool = True,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, max_num_batched_tokens: int | None = None):
         from compress.load_time import weight_bytes
 
@@ -55,6 +55,7 @@ class TorchEngine(HFTokenizing):
         self.source = source
         self.quantization = quantization
         self.quantization_kernel = quantization_kernel  # int8/int4 on torch's packed kernels: which, in what dtype
+        self.linear_kernel = linear_kernel  # full-precision linears: oneDNN prepacked, or None (nn.Linear)
         self.dtype_choice = dtype_choice or DtypeChoice(_param_dtype(model), "the model's own dtype (built in process)")
         self.sampling_defaults: dict = {}  # set by the factory from the folder's generation_config
         self.model = model
@@ -85,8 +86,9 @@ class TorchEngine(HFTokenizing):
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", device: str = "auto",
              max_model_len: int | None = None, max_num_seqs: int = 32, max_prefill_tokens: int = 8192,
              trust_remote_code: bool = False, quantization: str | None = None,
-             lookup: NgramConfig | None = None, **batching) -> "TorchEngine":
-        """`batching`: enable_prefix_caching, prefix_cache_bytes, max_num_batched_tokens (see __init__)."""
+             lookup: NgramConfig | None = None, prepack_weights: bool = True, **batching) -> "TorchEngine":
+        """`batching`: enable_prefix_caching, prefix_cache_bytes, max_num_batched_tokens (see __init__).
+        `prepack_weights`: full-precision linears on oneDNN-packed weights where measured faster (prepack.py)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
@@ -131,6 +133,11 @@ class TorchEngine(HFTokenizing):
 
             kernel = quantize_linears(model, quantization)["kernel"]
         model.eval()
+        linear_kernel = None
+        if prepack_weights and dev.type == "cpu":  # the full-precision linears left (all, unless quantized)
+            from server.engines.torch.prepack import prepack_linears
+
+            linear_kernel = prepack_linears(model)
         limit = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
         if max_model_len is not None and max_model_len > limit:
             raise ConfigError("max_model_len", f"{max_model_len} is above the model's {limit} positions")
@@ -139,7 +146,8 @@ class TorchEngine(HFTokenizing):
                  choice.reason)
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method,
-                   dtype_choice=choice, quantization_kernel=kernel, lookup=lookup, **batching)
+                   dtype_choice=choice, quantization_kernel=kernel, linear_kernel=linear_kernel, lookup=lookup,
+                   **batching)
 
     def attach_draft(self, path: str, num_tokens: int) -> None:
         from server.engines.torch.speculative import SpeculativeDecoder, load_draft
