@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.server_arg import serving  # noqa: E402
+from bench.output import write_result  # noqa: E402
 
 ADMIN = {"authorization": "Bearer bench-admin"}
 MODEL = "smollm2-135m-instruct"
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.n} concurrent x {args.max_tokens} tokens: base {result['tok_s']['base']} tok/s, one adapter "
           f"{result['tok_s']['one_adapter']}, eight adapters {result['tok_s']['eight_adapters']} "
           f"-> 8/1 = {result['eight_vs_one']}x, 1/base = {result['one_adapter_vs_base']}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import threading
@@ -25,6 +24,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.server_arg import add_server_args, serving  # noqa: E402
+from bench.output import write_result  # noqa: E402
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a short poem about the sea.", "What is a neural network?",
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               f"TTFT p50 {phase['ttft_p50_s'] * 1000:7.1f} ms  ({phase['requests']} x {args.max_tokens} tokens, "
               f"{phase['wall_s']} s)")
     print(f"speedup concurrent/sequential: {result['speedup']}x   peak RSS: {result['peak_rss_mib']} MiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -11,7 +11,6 @@ Writes tests/bench/figures/decode_step_smollm2.json with the CPU (lscpu).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.onednn_linear import OneDNNLinear
 from tests.bench.machine import describe, summary
+from tests.bench.output import write_result
 
 FIGURES = Path(__file__).parent / "figures"
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         r = result[name]
         print(f"{name:<10} step {r['step_ms']:6.1f} ms ({r['tok_s']:5.1f} tok/s); {r['linears']} linears alone "
               f"{r['linears_ms']:6.1f} ms = {r['linear_share']:.0%}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch.engine import TorchEngine
 from tests.bench.machine import describe, summary
+from tests.bench.output import write_result
 
 FIGURES = Path(__file__).parent / "figures"
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             for op in result["variants"][v]["profile_batch1"]:
                 print(f"  {op['op']:<42}{op['self_ms_per_step']:>8.2f} ms {op['share']:>6.1%}"
                       f"{op['calls_per_step']:>7.0f} calls")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    plot(result, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    write_result(result, args.out, plot)
     return 0
 
 

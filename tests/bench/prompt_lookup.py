@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from tests.bench.machine import describe, summary
+from tests.bench.output import write_result
 from tests.bench.server_arg import add_server_args, serving
 
 FIGURES = Path(__file__).parent / "figures"
@@ -183,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
               "speculative_config": json.loads(args.speculative_config), "c1_prompts": args.c1_prompts,
               "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
               "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    plot(result, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    write_result(result, args.out, plot)
     return 0
 
 

@@ -22,6 +22,7 @@ from compress.router_calibration import prompts_of
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch.engine import TorchEngine
+from tests.bench.output import write_result
 
 FIGURES = Path(__file__).parent / "figures"
 
@@ -86,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         result["variants"][f"k{k}"] = {"num_speculative_tokens": k, "tok_s": tokens / seconds, "speedup": speedup,
                                        "identical_texts": same, "requests_through_draft": specs[k].speculative.requests}
         print(f"draft k={k}: {tokens / seconds:.1f} tok/s, speed-up {speedup:.2f}x, identical texts {same}/{len(r)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 
