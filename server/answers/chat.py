@@ -34,7 +34,7 @@ async def complete(handle, body: ChatCompletionRequest, disconnected: Callable[[
         "created": now(),
         "model": handle.name,
         "choices": [_choice(i, r, body) for i, r in enumerate(results)],
-        "usage": usage(len(ids), sum(len(r.token_ids) for r in results)),
+        "usage": usage(len(ids), sum(len(r.token_ids) for r in results), requests[0].stats.cached_tokens),
     }
 
 
@@ -70,7 +70,7 @@ async def _stream(engine, requests, body: ChatCompletionRequest, rid: str, creat
                           "logprobs": _logprobs(c.logprobs) if body.logprobs and c.logprobs else None,
                           "finish_reason": c.finish_reason}])
     if body.stream_options and body.stream_options.include_usage:
-        yield chunk([], usage=usage(requests[0].stats.prompt_tokens, generated))
+        yield chunk([], usage=usage(requests[0].stats.prompt_tokens, generated, requests[0].stats.cached_tokens))
 
 
 def _choice(i: int, r, body: ChatCompletionRequest) -> dict:

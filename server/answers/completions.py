@@ -43,7 +43,8 @@ async def complete(handle, body: CompletionRequest, disconnected: Callable[[], A
         "created": now(),
         "model": handle.name,
         "choices": choices,
-        "usage": usage(sum(len(p) for p in prompts) * body.n, sum(len(r.token_ids) for r in results)),
+        "usage": usage(sum(len(p) for p in prompts) * body.n, sum(len(r.token_ids) for r in results),
+                       sum(r.stats.cached_tokens for r in requests)),
     }
 
 
@@ -76,7 +77,7 @@ async def _stream(engine, requests, body: CompletionRequest, echoes: list[str], 
             yield chunk([{"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}])
     if body.stream_options and body.stream_options.include_usage:
         prompt_tokens = sum(r.stats.prompt_tokens for r in requests)
-        yield chunk([], usage=usage(prompt_tokens, generated))
+        yield chunk([], usage=usage(prompt_tokens, generated, sum(r.stats.cached_tokens for r in requests)))
 
 
 def _logprobs(prompt: list[TokenLogprob], generated: list[TokenLogprob], start: int) -> dict:

@@ -52,6 +52,7 @@ class RequestStats:
     last_token: float | None = None
     finished: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (usage.prompt_tokens_details)
     completion_tokens: int = 0
     inter_token: list[float] = field(default_factory=list)
     finish_reason: str | None = None

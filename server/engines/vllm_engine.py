@@ -187,6 +187,7 @@ class VLLMEngine(HFTokenizing):
             async for out in stream:
                 if stats.scheduled is None:
                     stats.scheduled = time.perf_counter()
+                    stats.cached_tokens = getattr(out, "num_cached_tokens", None) or 0
                 if getattr(out, "prompt_logprobs", None) and prompt_lp is None:
                     prompt_lp = self._prompt_logprobs(request.prompt_token_ids, out.prompt_logprobs, p.prompt_logprobs or 0)
                 completion = out.outputs[0]

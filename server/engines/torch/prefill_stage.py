@@ -34,6 +34,7 @@ class PrefillStage:
                 continue
             if self.prefix_cache is not None:
                 seq.computed, seq.kv = self.prefix_cache.lookup(seq.row.prompt_ids, seq.slot)
+                seq.req.stats.cached_tokens = seq.computed
             self._prefilling.append(seq)
 
     def _prefill_step(self) -> None:
