@@ -46,11 +46,36 @@ def summarise(curve: dict, quality: float = 0.95) -> dict:
             "command": curve["command"]}
 
 
+def paired(today_work: Path, span_work: Path, threshold: float = 0.5, seed: int = 0) -> dict:
+    """Per-prompt ROUGE-L of both students on the same held-out prompts (router_curve --work folders):
+    the mean difference with a 95% bootstrap interval, and the prompts only one of them agrees on."""
+    import random
+
+    from compress.router_calibration import rouge_l
+
+    def texts(path: Path) -> list[str]:
+        return [json.loads(line)["messages"][1]["content"] for line in path.read_text().splitlines()]
+
+    ref = texts(today_work / "heldout_teacher_answers.jsonl")
+    a = [rouge_l(x, r) for x, r in zip(texts(today_work / "heldout_student_answers.jsonl"), ref)]
+    b = [rouge_l(x, r) for x, r in zip(texts(span_work / "heldout_student_answers.jsonl"), ref)]
+    d = [y - x for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    boot = sorted(sum(d[rng.randrange(len(d))] for _ in d) / len(d) for _ in range(2000))
+    return {"prompts": len(d), "mean_rouge_l_span_minus_today": round(sum(d) / len(d), 4),
+            "bootstrap_95": [round(boot[50], 4), round(boot[1949], 4)],
+            "agree_only_span": sum(y >= threshold > x for x, y in zip(a, b)),
+            "agree_only_today": sum(x >= threshold > y for x, y in zip(a, b))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path)
     ap.add_argument("--today", type=Path, required=True)
     ap.add_argument("--span", type=Path, required=True)
+    ap.add_argument("--healed", type=Path, help="router_curve JSON of the span student before KD (span-healed)")
+    ap.add_argument("--paired", type=Path, nargs=2, metavar=("TODAY_WORK", "SPAN_WORK"),
+                    help="the two router_curve --work folders: per-prompt comparison on the same held-out prompts")
     ap.add_argument("--out", type=Path, default=FIGURES / "router_student2_smollm2.json")
     args = ap.parse_args(argv)
     R = args.folder
@@ -68,15 +93,24 @@ def main(argv: list[str] | None = None) -> int:
                                                  "held_out_kl_to_teacher", "held_out_loss")},
             **summarise(curves[name]),
         }
+    if args.healed:  # the span recipe stopped after healing: its prune-heal step alone
+        steps = cpu_seconds(R / "cpu_span.txt")["steps"]
+        own = {k: v for k, v in steps.items() if k == "prune-heal"}
+        recipes["healed_no_kd"] = {"cpu": {"steps": own, "cpu_s": sum(v["cpu_s"] for v in own.values())},
+                                   "blocks": pruned["span"].get("blocks_after"),
+                                   **summarise(json.loads(args.healed.read_text()))}
     machine = describe()
     result = {"command": "python -m tests.bench.student2_compare " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine,
               "teacher": "SmolLM2-135M-Instruct (bf16 weights expanded from a Q4_1 GGUF), 30 blocks",
               "recipes": recipes}
+    if args.paired:
+        result["paired_heldout"] = paired(*args.paired)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     _plot(args.out.with_suffix(".png"), curves, recipes, f"{summary(machine)}\n{result['command']}")
     print(json.dumps({n: {k: r[k] for k in ("cpu", "blocks", "agreement")} for n, r in recipes.items()}, indent=2))
+    print(json.dumps(result.get("paired_heldout"), indent=2))
     print(f"wrote {args.out}")
     return 0
 
@@ -100,7 +134,7 @@ def _plot(path: Path, curves: dict, recipes: dict, footer: str) -> None:
     ax.axhline(0.95, color="grey", ls=":", lw=1, label="95% of teacher quality")
     ax.axvline(0.30, color="grey", ls="-.", lw=1, label="30% of teacher cost saved")
     ax.set_xlabel("share of the teacher's cost saved (seconds per output token x tokens)")
-    ax.set_ylabel("quality: mean ROUGE-L agreement with the teacher (teacher = 1)")
+    ax.set_ylabel("quality: mean ROUGE-L vs the teacher (teacher = 1)")
     ax.set_title("Router students on SmolLM2-135M-Instruct at one CPU budget", fontsize=10)
     fig.text(0.01, 0.01, "\n".join(textwrap.fill(line, 150) for line in footer.splitlines()), fontsize=6,
              va="bottom")
