@@ -79,8 +79,7 @@ def prune(model_dir: Path, out: Path, *, calib: Path, drop: int | None = None, k
 
     if (drop is None) == (keep_ratio is None):
         raise ValueError("give exactly one of --drop-layers N or --keep-ratio R")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty")
+    check_out(out)
     texts = calibration_texts(calib, num_samples)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
@@ -96,11 +95,6 @@ def prune(model_dir: Path, out: Path, *, calib: Path, drop: int | None = None, k
     ranking = sorted(range(n), key=lambda i: scores[i])
     dropped = sorted(ranking[:count])
     drop_layers(model, dropped)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(saved_dtype)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     report = {
         "source_model": str(model_dir), "method": "block-influence", "blocks_before": n, "blocks_after": n - count,
         "dropped": [{"block": i, "influence": round(scores[i], 6)} for i in dropped],
@@ -108,8 +102,22 @@ def prune(model_dir: Path, out: Path, *, calib: Path, drop: int | None = None, k
         "calibration_sha256": file_hash(calib), "calibration_samples": len(batches),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    save_pruned(model.to(saved_dtype), tokenizer, out, report)
+    return report
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty")
+
+
+def save_pruned(model: nn.Module, tokenizer, out: Path, report: dict) -> None:
+    """Model, tokenizer and manifest into a hidden folder, renamed to `out` when all are written."""
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
     write_manifest(tmp, "pruned-model", **report)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    return report

@@ -72,6 +72,14 @@ def add_parser(sub) -> None:
     how = pr.add_mutually_exclusive_group(required=True)
     how.add_argument("--drop-layers", type=int)
     how.add_argument("--keep-ratio", type=float)
+    how.add_argument("--contiguous", type=int, metavar="N",
+                     help="drop the contiguous span of N blocks whose input and output differ least (angular distance)")
+    pr.add_argument("--heal-steps", type=int, default=0,
+                    help="with --contiguous: replace the span by one block fitted S steps to the span's "
+                         "input -> output on the calibration data (keeps N-1 fewer blocks, not N)")
+    pr.add_argument("--heal-init", choices=("first", "last"), default="last", help="the span block the fit starts from")
+    pr.add_argument("--heal-lr", type=float, default=1e-4)
+    pr.add_argument("--heal-samples", type=int, default=256, help="calibration examples cached for healing")
     pr.add_argument("--calib", type=Path, required=True)
     pr.add_argument("--num-samples", type=int, default=32)
     pr.add_argument("--seq-len", type=int, default=256)
@@ -189,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.calib.is_file():
             raise ConfigError("calib", f"no such file: {args.calib}")
+        if args.heal_steps and args.contiguous is None:
+            raise ConfigError("heal-steps", "--heal-steps needs --contiguous N (the span it replaces)")
+        if args.contiguous is not None:
+            return _prune_span(args)
         try:
             report = prune(Path(_model_dir(args.model, args.cache_dir)), args.out, calib=args.calib,
                            drop=args.drop_layers, keep_ratio=args.keep_ratio, num_samples=args.num_samples,
@@ -257,4 +269,29 @@ def _distill(args: argparse.Namespace) -> int:
     shown = report.get("recovery", report)  # a recovered quantized model nests the training report
     print(json.dumps({k: shown[k] for k in keys if k in shown}, indent=2))
     print(f"wrote {cfg.out}")
+    return 0
+
+
+def _prune_span(args) -> int:
+    from compress.data import DataError
+    from compress.prune_span import prune_span
+
+    try:
+        report = prune_span(Path(_model_dir(args.model, args.cache_dir)), args.out, calib=args.calib,
+                            length=args.contiguous, heal_steps=args.heal_steps, heal_init=args.heal_init,
+                            heal_lr=args.heal_lr, heal_samples=args.heal_samples, num_samples=args.num_samples,
+                            seq_len=args.seq_len)
+    except (ValueError, DataError) as exc:
+        raise ConfigError("prune", str(exc)) from None
+    span = report["span"]
+    print("span angular distance by start block (span of {}):".format(span["length"]))
+    for row in report["span_distances"]:
+        mark = "  dropped" if row["start"] == span["start"] else ""
+        print(f"  start {row['start']:>3}: {row['angular_distance']:.5f}{mark}")
+    if "heal" in report:
+        h = report["heal"]
+        mse = h["held_out_mse"]
+        print(f"healed: block {h['init_from_block']} fitted {h['steps']} steps in {h['seconds']} s; held-out MSE "
+              f"identity {mse['identity']:.4g}, unfitted {mse['init_block']:.4g}, fitted {mse['healed']:.4g}")
+    print(f"wrote {args.out} ({report['blocks_after']} of {report['blocks_before']} blocks)")
     return 0

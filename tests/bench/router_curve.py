@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                                               teacher_answers=args.heldout_answers), held)
     write_answers(args.work / "heldout_teacher_answers.jsonl", held, t_ans)  # --heldout-answers of a rerun
     s_ans = answer(Path(args.student), held, args.max_tokens, 8, "held-out student")
+    write_answers(args.work / "heldout_student_answers.jsonl", held, s_ans)
+    exact = np.array([s.text.strip() == t.text.strip() for s, t in zip(s_ans, t_ans)])
     agreement = np.array([rouge_l(s.text, t.text) for s, t in zip(s_ans, t_ans)])
     learned_scores = router.scores(featurizer(args.features)(held))
     confidence = np.array([s.mean_logprob for s in s_ans])
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": teacher, "student": args.student, "features": args.features, "max_tokens": args.max_tokens,
         "agreement": {"metric": "rouge_l_f1", "label_threshold": args.agree_threshold,
                       "heldout_mean": float(agreement.mean()),
-                      "heldout_share_agreeing": float((agreement >= args.agree_threshold).mean())},
+                      "heldout_share_agreeing": float((agreement >= args.agree_threshold).mean()),
+                      "heldout_exact_match": float(exact.mean())},
         "calibration": {k: report[k] for k in ("num_prompts", "holdout", "train_accuracy", "chosen", "cascade")},
         "heldout": {"prompts": len(held), "curves": curves, "at_calibrated_threshold": chosen,
                     f"max_student_share_at_quality_{args.target_quality}": best,
