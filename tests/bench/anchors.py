@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,13 @@ def llamacpp(gguf: Path, threads: int) -> ServerProcess:
                                                "--n_ctx", "2048", "--interrupt_requests", "False"])
 
 
+def llamacpp_installed() -> bool:
+    if not LLAMACPP_PY.exists():
+        return False
+    probe = subprocess.run([str(LLAMACPP_PY), "-c", "import llama_cpp.server.app"], capture_output=True, timeout=120)
+    return probe.returncode == 0
+
+
 def slimserve(name: str, args: list[str], env: dict) -> ServerProcess:
     return ServerProcess(["--served-model-name", MODEL, *args], env=env, log_path=Path(f"/tmp/anchors-{name}.log"))
 
@@ -99,8 +107,9 @@ def start(names: list[str], model_dir: Path, threads: int) -> tuple[dict, dict]:
         if name.startswith("raw_vllm_"):
             servers[name] = raw_vllm(model_dir, {"bf16": "bfloat16", "fp32": "float32"}[name[-4:]], env)
         elif name == "llamacpp_q4_1":
-            if not LLAMACPP_PY.exists():
-                skipped[name] = f"{LLAMACPP_PY.parent.parent} is absent: run `bash tests/bench/setup_llamacpp.sh`"
+            if not llamacpp_installed():
+                skipped[name] = (f"{LLAMACPP_PY.parent.parent} is absent or has no llama_cpp.server: "
+                                 "run `bash tests/bench/setup_llamacpp.sh`")
                 print(f"skipping {name}: {skipped[name]}", flush=True)
                 continue
             servers[name] = llamacpp(find_gguf(), threads)
