@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     servers, skipped = start([s for s in args.systems.split(",") if s], model_dir, args.threads)
     bias = eos_bias(model_dir)
     runs: dict[str, dict[int, list[dict]]] = {}
+    partial = args.out.with_suffix(".partial.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         for name, s in servers.items():
             s.wait_ready(args.start_timeout)
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = asyncio.run(level(s.base_url, levels[conc], conc, args.max_tokens,
                                           bias if name.startswith("llamacpp") else None))
                     runs.setdefault(name, {}).setdefault(conc, []).append(r)
+                    partial.write_text(json.dumps(runs))  # a run cut short keeps what it measured
                     print(f"round {rnd} c{conc:<2} {name:<22} {r['output_tok_per_s']:7.1f} tok/s  TTFT p50 "
                           f"{(r['ttft_ms'] or {}).get('p50')} ms  load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(result["systems"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    partial.unlink(missing_ok=True)
     plot(result, args.out.with_suffix(".png"))
     print(table(result) + "\n\n" + "\n".join(f"{k}: {v}" for k, v in result["targets"].items()))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {result['seconds']:.0f} s")
