@@ -16,7 +16,9 @@ and slimserve's PyTorch engine, each driven by the same load generator at concur
 
 All servers on the same SmolLM2-135M-Instruct (the bf16 folder slimserve expands from that GGUF),
 the same seeded prompts (streamed chat, 128 output tokens); all up at once, taking turns round by
-round. The JSON (tests/bench/figures/anchors_smollm2.json) has the machine (CPU model, family, flags),
+round (known limit: with every server resident, each with its own OpenMP threads, the PyTorch
+bf16/fp32 rows collapse at c=1 on a 2-core machine, ~10x below the same server alone; see
+docs/performance.md#anchors). The JSON (tests/bench/figures/anchors_smollm2.json) has the machine (CPU model, family, flags),
 the load average, each system's exact command line, the memory-bandwidth bound and the #19 targets.
 
     bash tests/bench/setup_llamacpp.sh      # once, several minutes
