@@ -72,3 +72,32 @@ def test_prompts_and_percentiles():
     assert synthetic_prompts(5, 40, seed=1) != synthetic_prompts(5, 40, seed=2)
     assert all(35 <= len(p.split()) <= 40 for p in synthetic_prompts(5, 40))
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
+
+
+def test_extra_body_and_tokens_from_chunks():
+    """A server that streams no usage (llama-cpp-python's) and knows no ignore_eos: `extra_body` reaches
+    every request, and with `tokens_from_chunks` its content chunks count as its output tokens."""
+    import asyncio
+
+    import httpx
+
+    from server.bench.loadgen import BenchConfig, run_level
+
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        chunks = [{"choices": [{"delta": {"content": w}}]} for w in ("a", "b", "", "c")]
+        text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    async def level(count: bool) -> dict:
+        cfg = BenchConfig(base_url="http://fake", model="m", chat=True, progress=False, warmup=0,
+                          extra_body={"logit_bias": {"2": -100}}, tokens_from_chunks=count)
+        async with httpx.AsyncClient(base_url=cfg.base_url, transport=httpx.MockTransport(handler)) as client:
+            return await run_level(client, cfg, ["hi", "there"], 2)
+
+    counted, plain = asyncio.run(level(True)), asyncio.run(level(False))
+    assert all(b["logit_bias"] == {"2": -100} and b["stream"] for b in bodies)
+    assert (counted["output_tokens"], counted["missing_usage"], counted["errors"]) == (6, 0, 0)
+    assert (plain["output_tokens"], plain["missing_usage"]) == (0, 2)

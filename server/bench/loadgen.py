@@ -3,7 +3,9 @@
 Per concurrency level, `num_prompts` requests are sent with at most `concurrency` in flight (like
 `vllm bench serve --max-concurrency`). Streamed responses give time to first token and the gaps
 between text chunks (inter-token latency, per chunk as vLLM's benchmark measures it); token counts
-always come from the server's `usage` (`stream_options.include_usage` when streaming).
+come from the server's `usage` (`stream_options.include_usage` when streaming); for a server that
+streams no usage (llama-cpp-python's), `tokens_from_chunks` counts its content chunks instead, one
+per token there. `extra_body` adds fields to every request (as the OpenAI client's `extra_body`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class BenchConfig:
     timeout_s: float = 600.0
     warmup: int = 1
     progress: bool = True
+    extra_body: dict = field(default_factory=dict)  # e.g. a logit_bias where a server lacks ignore_eos
+    tokens_from_chunks: bool = False  # no streamed usage: output tokens = content chunks (one per token)
 
     def model_for(self, i: int) -> str:
         return self.adapters[i % len(self.adapters)] if self.adapters else self.model
@@ -45,6 +49,7 @@ def _payload(cfg: BenchConfig, model: str, prompt: str | list[dict]) -> tuple[st
         body["stream_options"] = {"include_usage": True}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    body.update(cfg.extra_body)
     if cfg.chat:
         body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         return "/v1/chat/completions", body
@@ -90,7 +95,7 @@ async def one_request(client: httpx.AsyncClient, cfg: BenchConfig, model: str, p
                 if resp.status_code != 200:
                     result.error = _error_text(resp.status_code, await resp.aread())
                 else:
-                    await _read_stream(resp, result, start)
+                    await _read_stream(resp, result, start, cfg.tokens_from_chunks)
     except (httpx.HTTPError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:300]
     result.e2e = time.perf_counter() - start
@@ -99,8 +104,8 @@ async def one_request(client: httpx.AsyncClient, cfg: BenchConfig, model: str, p
     return result
 
 
-async def _read_stream(resp: httpx.Response, result: RequestResult, start: float) -> None:
-    last = None
+async def _read_stream(resp: httpx.Response, result: RequestResult, start: float, count_chunks: bool = False) -> None:
+    last, chunks = None, 0
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
             continue
@@ -119,7 +124,10 @@ async def _read_stream(resp: httpx.Response, result: RequestResult, start: float
             else:
                 result.itl.append(now - last)
             last = now
+            chunks += 1
         _take_usage(result, obj.get("usage"))
+    if count_chunks and result.output_tokens is None:
+        result.output_tokens = chunks
     result.ok = True
 
 

@@ -8,6 +8,9 @@ latency (the `tests.bench.adapters` helpers) on both engines. Every figure is al
 fraction of the physical limit: memory bandwidth / weight bytes = decode tokens/s at batch 1.
 
     python -m tests.bench.compare [--rounds 2] [--out tests/bench/figures/compare_smollm2.json]
+
+The anchors of issue #19 (raw vLLM compiled at its best dtype, llama.cpp on the Q4_1 GGUF) are
+tests/bench/anchors.py, which reuses this file's bandwidth and server helpers.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ def describe() -> dict:
         capability, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
     except ImportError:
         capability, threads = None, None
-    return {"model_name": fields.get("Model name") or "unknown", "cpus": os.cpu_count(), "arch": platform.machine(),
+    return {"model_name": fields.get("Model name") or "unknown", "cpu_family": fields.get("CPU family"),
+            "cpu_model": fields.get("Model"), "cpus": os.cpu_count(), "arch": platform.machine(),
             "avx2": "avx2" in flags, "avx512": sorted(f for f in flags if f.startswith("avx512")),
             "amx": sorted(f for f in flags if f.startswith("amx")), "torch_capability": capability,
             "threads": threads, "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
