@@ -260,6 +260,9 @@ class TorchEngine(HFTokenizing):
                            prefix_cache_hits=cache.hits if cache else 0)
 
     async def start(self) -> None:
+        from server.engines.torch.openmp import release_idle_team
+
+        release_idle_team()  # the loading thread's idle OpenMP team would slow every step (openmp.py)
         self._scheduler.start()
 
     async def shutdown(self) -> None:

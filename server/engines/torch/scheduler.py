@@ -24,6 +24,7 @@ from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.torch.acceptance import TokenAcceptor
 from server.engines.speculation_config import NgramConfig
 from server.engines.torch.admission import Admission
+from server.engines.torch.openmp import release_idle_team
 from server.engines.torch.prefill_stage import PrefillStage
 from server.engines.torch.prefix_cache import PrefixCache
 from server.engines.torch.prompt_lookup import RowDraft, StepCost, choose_width, eligible as lookup_eligible
@@ -148,6 +149,8 @@ class BatchScheduler(PrefillStage):
 
     def _loop(self) -> None:
         while True:
+            if not self._rows and not self._prefilling:  # may wait: let idle OpenMP threads go (openmp.py)
+                release_idle_team()
             step = self.queue.next_step(len(self._rows) + len(self._prefilling))
             if step is None:
                 break
