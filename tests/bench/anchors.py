@@ -15,10 +15,11 @@ and slimserve's PyTorch engine, each driven by the same load generator at concur
   int4 at load (the 4-bit row to set beside llama.cpp's Q4_1).
 
 All servers on the same SmolLM2-135M-Instruct (the bf16 folder slimserve expands from that GGUF),
-the same seeded prompts (streamed chat, 128 output tokens); all up at once, taking turns round by
-round (known limit: with every server resident, each with its own OpenMP threads, the PyTorch
-bf16/fp32 rows collapse at c=1 on a 2-core machine, ~10x below the same server alone; see
-docs/performance.md#anchors). The JSON (tests/bench/figures/anchors_smollm2.json) has the machine (CPU model, family, flags),
+the same seeded prompts (streamed chat, 128 output tokens). One server at a time by default (started,
+warmed, every round, stopped; then the next): with every server resident, each with its own OpenMP
+threads, the PyTorch bf16/fp32 rows collapsed at c=1 on a 2-core machine, ~10x below the same server
+alone (see docs/performance.md#anchors); `--together` keeps them all up, taking turns round by round.
+The JSON (tests/bench/figures/anchors_smollm2.json) has the machine (CPU model, family, flags),
 the load average, each system's exact command line, the memory-bandwidth bound and the #19 targets.
 
     bash tests/bench/setup_llamacpp.sh      # once, several minutes
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-timeout", type=float, default=1500, help="compiled vLLM takes minutes to start")
+    ap.add_argument("--together", action="store_true",
+                    help="all servers up at once, taking turns (default: one server at a time)")
     ap.add_argument("--out", type=Path, default=Path("tests/bench/figures/anchors_smollm2.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -147,32 +150,44 @@ def main(argv: list[str] | None = None) -> int:
     bw = memory_bandwidth()
     prompts = synthetic_prompts(max(args.seq_prompts, args.batch_prompts), args.input_len, args.seed)
     levels = {1: prompts[:args.seq_prompts], 16: prompts[:args.batch_prompts]}
-    servers, skipped = start([s for s in args.systems.split(",") if s], model_dir, args.threads)
+    names = [s for s in args.systems.split(",") if s]
     bias = eos_bias(model_dir)
     runs: dict[str, dict[int, list[dict]]] = {}
     partial = args.out.with_suffix(".partial.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        for name, s in servers.items():
-            s.wait_ready(args.start_timeout)
-            print(f"{name} ready after {time.perf_counter() - t0:.0f} s", flush=True)
-        started = time.perf_counter() - t0
-        wb = {k: served_weight_bytes(s.base_url) for k, s in servers.items()}
-        load_start = [round(x, 2) for x in os.getloadavg()]
-        for name, s in servers.items():  # warm-up at full concurrency
-            asyncio.run(level(s.base_url, prompts[:16], 16, 16, bias if name.startswith("llamacpp") else None))
-        for rnd in range(args.rounds):
-            for conc in (1, 16):
-                for name, s in servers.items():
-                    r = asyncio.run(level(s.base_url, levels[conc], conc, args.max_tokens,
-                                          bias if name.startswith("llamacpp") else None))
-                    runs.setdefault(name, {}).setdefault(conc, []).append(r)
-                    partial.write_text(json.dumps(runs))  # a run cut short keeps what it measured
-                    print(f"round {rnd} c{conc:<2} {name:<22} {r['output_tok_per_s']:7.1f} tok/s  TTFT p50 "
-                          f"{(r['ttft_ms'] or {}).get('p50')} ms  load {os.getloadavg()[0]:.2f}", flush=True)
-    finally:
-        for s in servers.values():
-            s.stop()
+    wb, commands, skipped, start_s, load_start = {}, {}, {}, {}, None
+    # One server at a time by default: idle servers' spinning OpenMP and vLLM worker threads steal the
+    # cores a measured server's two-thread matmuls wait on (all seven up at once slowed slimserve's bf16
+    # c=1 to 2.5-4 tok/s vs ~37 alone); --together keeps them all up, taking turns, as issue #19 ran it.
+    groups = [names] if args.together else [[n] for n in names]
+    for group in groups:
+        g0 = time.perf_counter()
+        servers, missing = start(group, model_dir, args.threads)
+        skipped.update(missing)
+        try:
+            for name, s in servers.items():
+                s.wait_ready(args.start_timeout)
+                start_s[name] = round(time.perf_counter() - g0, 1)
+                print(f"{name} ready after {start_s[name]:.0f} s", flush=True)
+            wb.update({k: served_weight_bytes(s.base_url) for k, s in servers.items()})
+            load_start = load_start or [round(x, 2) for x in os.getloadavg()]
+            for name, s in servers.items():  # warm-up at full concurrency
+                asyncio.run(level(s.base_url, prompts[:16], 16, 16, bias if name.startswith("llamacpp") else None))
+            for rnd in range(args.rounds):
+                for conc in (1, 16):
+                    for name, s in servers.items():
+                        r = asyncio.run(level(s.base_url, levels[conc], conc, args.max_tokens,
+                                              bias if name.startswith("llamacpp") else None))
+                        runs.setdefault(name, {}).setdefault(conc, []).append(r)
+                        partial.write_text(json.dumps(runs))  # a run cut short keeps what it measured
+                        print(f"round {rnd} c{conc:<2} {name:<22} {r['output_tok_per_s']:7.1f} tok/s  TTFT p50 "
+                              f"{(r['ttft_ms'] or {}).get('p50')} ms  load {os.getloadavg()[0]:.2f}", flush=True)
+        finally:
+            for s in servers.values():
+                s.stop()
+        commands.update({k: {"argv": [str(a) for a in s.proc.args],
+                             "env": thread_env(args.threads) if not k.startswith("llamacpp") else {}}
+                         for k, s in servers.items()})
     bw_end = memory_bandwidth()
     bw = {**max(bw, bw_end, key=lambda m: m["gb_s"]), "gb_s_at_start": bw["gb_s"], "gb_s_at_end": bw_end["gb_s"]}
     from server.default_model import find_gguf
@@ -186,10 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         | {"chat": True, "stream": True, "ignore_eos": "ignore_eos (llama.cpp: logit_bias on EOS)",
            "thread_env": thread_env(args.threads), "llamacpp_logit_bias": bias},
-        "commands": {k: {"argv": [str(a) for a in s.proc.args],
-                         "env": thread_env(args.threads) if not k.startswith("llamacpp") else {}}
-                     for k, s in servers.items()},
-        "skipped": skipped, "memory_bandwidth": bw, "weight_bytes": wb, "start_s": round(started, 1),
+        "commands": commands, "one_server_at_a_time": not args.together,
+        "skipped": skipped, "memory_bandwidth": bw, "weight_bytes": wb, "start_s": start_s,
         "systems": {k: row(by, bw["gb_s"] * 1e9 / wb[k]) for k, by in runs.items()},
         "seconds": round(time.perf_counter() - t0, 1)}
     result["targets"] = targets(result["systems"])
