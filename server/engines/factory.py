@@ -92,10 +92,9 @@ def build_engines(settings: ServeSettings, progress: LoadProgress | None = None)
             log.info("%s: requests that leave them out sample with the model's generation_config %s "
                      "(generation_config: none turns this off)", entry.name, engine.sampling_defaults)
         engines[entry.name] = engine
-    if any(getattr(e.capabilities, "local", False) for e in engines.values()):
-        from server.engines.torch.openmp import release_idle_team
+    from server.engines.torch.openmp import release_idle_team
 
-        release_idle_team()  # this loading thread's OpenMP threads would slow the engines' steps
+    release_idle_team()  # this loading thread's OpenMP threads would slow the engines' steps
     return engines
 
 

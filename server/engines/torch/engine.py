@@ -134,7 +134,9 @@ class TorchEngine(HFTokenizing):
             kernel = quantize_linears(model, quantization)["kernel"]
         model.eval()
         linear_kernel = None
-        if prepack_weights and dev.type == "cpu":  # the full-precision linears left (all, unless quantized)
+        # the full-precision linears of an unquantized model, or those load-time int8/int4 left; never a
+        # checkpoint's or transformers' quantized layers (compressed-tensors keeps nn.Linear with other weights)
+        if prepack_weights and dev.type == "cpu" and not prequantized and (not quantization or torch_kernels):
             from server.engines.torch.prepack import prepack_linears
 
             linear_kernel = prepack_linears(model)

@@ -73,11 +73,16 @@ def packed_gain(dtype: torch.dtype) -> float:
     return eager / packed
 
 
+def _plain_weight(m: nn.Linear) -> bool:
+    """A dense bf16/fp32 CPU weight (not a quantized tensor subclass, not renamed by a quantizer)."""
+    w = m.__dict__.get("_parameters", {}).get("weight")
+    return (w is not None and type(w) in (nn.Parameter, torch.Tensor) and w.device.type == "cpu"
+            and w.dtype in (torch.bfloat16, torch.float32))
+
+
 def prepack_linears(model: nn.Module) -> str | None:
     """Swap in place when it pays; returns what runs the linears (for /v1/models), None when unchanged."""
-    layers = [(name, m) for name, m in model.named_modules()
-              if type(m) is nn.Linear and m.weight.device.type == "cpu"
-              and m.weight.dtype in (torch.bfloat16, torch.float32)]
+    layers = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and _plain_weight(m)]
     if not layers:
         return None
     dtype = layers[0][1].weight.dtype
