@@ -63,6 +63,9 @@ MODEL_SETTINGS: tuple[ModelSetting, ...] = (
                  "used evicted)", limits={"ge": 0}),
     ModelSetting("prepack_weights", bool, True, "torch engine on CPU: full-precision linears on weights prepacked "
                  "once for oneDNN where a probe at load measures it faster (--no-prepack-weights: nn.Linear)"),
+    ModelSetting("grouped_attention", bool, True, "torch engine on CPU: decode-step attention as grouped fp32 "
+                 "matmuls instead of transformers' sdpa, which copies each key/value head per query head "
+                 "(--no-grouped-attention: sdpa)"),
     ModelSetting("max_num_batched_tokens", int | None, None, "prompt tokens prefilled per step while other "
                  "requests decode (chunked prefill; torch default 256, vllm its own)", limits={"ge": 16}, vllm=True),
     ModelSetting("gpu_memory_utilization", float | None, None, "vllm engine (on CPU: share of RAM for KV)",

@@ -150,7 +150,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         max_prefill_tokens=settings.max_prefill_tokens, trust_remote_code=settings.trust_remote_code,
         quantization=settings.quantization, lookup=lookup, enable_prefix_caching=settings.enable_prefix_caching,
         prefix_cache_bytes=settings.prefix_cache_bytes, max_num_batched_tokens=settings.max_num_batched_tokens,
-        prepack_weights=settings.prepack_weights,
+        prepack_weights=settings.prepack_weights, grouped_attention=settings.grouped_attention,
     )
     if draft:
         engine.attach_draft(draft, num_speculative_tokens)

@@ -33,13 +33,15 @@ def _cards(state) -> list[dict]:
 
 def _dtype_fields(engine) -> dict:
     """The PyTorch engine's dtype and why it was chosen (`dtype: auto` decides per device), and the
-    kernels that run load-time int8/int4 and the full-precision linears."""
+    kernels that run load-time int8/int4, the full-precision linears and attention."""
     choice = getattr(engine, "dtype_choice", None)
     fields = {"dtype": choice.name, "dtype_reason": choice.reason} if choice is not None else {}
     if getattr(engine, "quantization_kernel", None):
         fields["quantization_kernel"] = engine.quantization_kernel
     if getattr(engine, "linear_kernel", None):
         fields["linear_kernel"] = engine.linear_kernel
+    if getattr(engine, "attention_kernel", None):
+        fields["attention_kernel"] = engine.attention_kernel
     return fields
 
 

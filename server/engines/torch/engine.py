@@ -56,6 +56,7 @@ class TorchEngine(HFTokenizing):
         self.quantization = quantization
         self.quantization_kernel = quantization_kernel  # int8/int4 on torch's packed kernels: which, in what dtype
         self.linear_kernel = linear_kernel  # full-precision linears: oneDNN prepacked, or None (nn.Linear)
+        self.attention_kernel = getattr(model.config, "_attn_implementation", None)  # sdpa, slimserve_grouped, ...
         self.dtype_choice = dtype_choice or DtypeChoice(_param_dtype(model), "the model's own dtype (built in process)")
         self.sampling_defaults: dict = {}  # set by the factory from the folder's generation_config
         self.model = model
@@ -86,9 +87,11 @@ class TorchEngine(HFTokenizing):
     def load(cls, model_id: str, path: str | Path, *, dtype: str = "auto", device: str = "auto",
              max_model_len: int | None = None, max_num_seqs: int = 32, max_prefill_tokens: int = 8192,
              trust_remote_code: bool = False, quantization: str | None = None,
-             lookup: NgramConfig | None = None, prepack_weights: bool = True, **batching) -> "TorchEngine":
+             lookup: NgramConfig | None = None, prepack_weights: bool = True, grouped_attention: bool = True,
+             **batching) -> "TorchEngine":
         """`batching`: enable_prefix_caching, prefix_cache_bytes, max_num_batched_tokens (see __init__).
-        `prepack_weights`: full-precision linears on oneDNN-packed weights where measured faster (prepack.py)."""
+        `prepack_weights`: full-precision linears on oneDNN-packed weights where measured faster (prepack.py).
+        `grouped_attention`: decode-step attention without sdpa's per-group copies of the cache (attention.py)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
@@ -140,6 +143,10 @@ class TorchEngine(HFTokenizing):
             from server.engines.torch.prepack import prepack_linears
 
             linear_kernel = prepack_linears(model)
+        if grouped_attention and dev.type == "cpu":
+            from server.engines.torch.attention import use_grouped_attention
+
+            use_grouped_attention(model)
         limit = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
         if max_model_len is not None and max_model_len > limit:
             raise ConfigError("max_model_len", f"{max_model_len} is above the model's {limit} positions")
