@@ -18,6 +18,7 @@ from server.engines.speculation_config import NgramConfig
 from server.engines.torch import attention
 from server.engines.torch.attention import grouped_attention
 from server.engines.torch.engine import TorchEngine
+from test_prompt_lookup import _FreeTokens
 
 
 class _Module:  # what the attention functions read off a layer
@@ -39,11 +40,11 @@ def _inputs(dtype, b=4, q=1, k=37, heads=6, kv_heads=2, dim=16, seed=0):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_equals_sdpa_with_a_bool_mask(dtype, tol):
-    q = 1
+@pytest.mark.parametrize("q", [1, 5])
+def test_equals_sdpa_with_a_bool_mask(dtype, tol, q):
     query, key, value, mask = _inputs(dtype, q=q)
     want, _ = sdpa_attention_forward(_Module(), query, key, value, mask)
-    got, _ = grouped_attention(_Module(), query, key, value, mask)
+    got, _ = grouped_attention(_Module(), query, key, value, mask, grouped_queries=q > 1)
     assert got.shape == want.shape == (4, q, 6, 16) and got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
@@ -76,10 +77,14 @@ def test_several_query_positions_and_unmodelled_options_go_to_sdpa(monkeypatch):
     for q in (2, 5, 40):
         query, key, value, mask = _inputs(torch.float32, q=q, k=40)
         assert grouped_attention(_Module(), query, key, value, mask)[0] == "sdpa"
+    query, key, value, mask = _inputs(torch.float32, q=attention.MAX_QUERIES + 1, k=40)
+    assert grouped_attention(_Module(), query, key, value, mask, grouped_queries=True)[0] == "sdpa"
+    query, key, value, _ = _inputs(torch.float32, q=3)
+    assert grouped_attention(_Module(), query, key, value, None, grouped_queries=True)[0] == "sdpa"  # causal
     query, key, value, mask = _inputs(torch.float32)
     assert grouped_attention(_Module(), query, key, value, mask, softcap=30.0)[0] == "sdpa"
     assert grouped_attention(_Module(), query, key, value, mask, dropout=0.1)[0] == "sdpa"
-    assert len(calls) == 5
+    assert len(calls) == 7
 
 
 ITEMS = [(p, None) for p in ("Hello, world!", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "The quick brown fox", "a")]
@@ -101,10 +106,27 @@ def test_engine_outputs_equal_sdpa_fp32(tiny_model_dir):
     assert grouped == plain
 
 
-def test_engine_outputs_equal_sdpa_with_prompt_lookup(tiny_model_dir):
+def test_engine_outputs_equal_sdpa_with_prompt_lookup(tiny_model_dir, monkeypatch):
+    """Draft checks (several positions per row) run on the grouped path and keep the output."""
+    checked = []
+    real = attention.grouped_attention
+
+    def counting(*args, **kwargs):
+        if kwargs.get("grouped_queries") and args[1].shape[2] > 1:
+            checked.append(args[1].shape[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "grouped_attention", counting)
     lookup = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1)
     plain, _ = _greedy(tiny_model_dir, "float32", grouped=False)
-    grouped, _ = _greedy(tiny_model_dir, "float32", grouped=True, lookup=lookup)
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", lookup=lookup)
+    engine._scheduler.step_cost = _FreeTokens()  # drafts always worth checking: the path under test runs
+    asyncio.run(engine.start())
+    try:
+        grouped = greedy_tokens(engine, ITEMS, max_tokens=24) + [greedy_tokens(engine, ITEMS[1:2], max_tokens=24)[0]]
+    finally:
+        asyncio.run(engine.shutdown())
+    assert checked, "no draft check ran"
     assert grouped == plain
 
 

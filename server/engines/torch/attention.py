@@ -6,10 +6,11 @@ CPU that fused kernel is slow at one query row, so at 16 rows half of a SmolLM2 
 copies plus that kernel (py-spy over a c=16 bench). Here the query heads of a group share their
 key/value head through a reshape and two batched matmuls in fp32 (the precision the fused kernel keeps
 inside), measured 5-6x faster per layer at 16 rows x 200 columns and ~2x at one row
-(tests/bench/attention_step.py). Several query positions (prefill, a chunk over cached KV, prompt
-lookup's draft check) and anything this does not model (dropout, soft-capping, sinks) go to
-transformers' own sdpa function: a prompt prefilled whole or as a chunk over its cached prefix then
-gets the same numbers as before, so prefix caching and chunking keep bf16 outputs unchanged.
+(tests/bench/attention_step.py). Prompt lookup's draft check (a few positions per row) runs here too,
+asked for by the runner. Prefill, a chunk over cached KV, and anything this does not model (dropout,
+soft-capping, sinks) go to transformers' own sdpa function: a prompt prefilled whole or as a chunk
+over its cached prefix then gets the same numbers as before, so prefix caching and chunking keep bf16
+outputs unchanged.
 
 fp32 models give the same greedy tokens as sdpa. In bf16 the sums run in another order than the fused
 kernel's blocks, so a near-tie can flip a greedy token (as between transformers' eager and sdpa); the
@@ -21,36 +22,41 @@ from __future__ import annotations
 import torch
 
 NAME = "slimserve_grouped"
+MAX_QUERIES = 16  # the most query positions a draft check runs here (its scores are [b, heads, q, k] in fp32)
 _UNMODELLED = ("softcap", "s_aux", "sinks", "position_bias", "cache")
 _FLOOR = torch.finfo(torch.float32).min
 
 
 def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      **kwargs) -> tuple[torch.Tensor, None]:
-    """query [b, heads, 1, dim], key/value [b, kv_heads, k, dim], mask [b, 1, 1, k] (bool: attend, or additive)
-    or None. Returns ([b, 1, heads, dim], None) as transformers' attention functions do."""
+                      grouped_queries: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
+    """query [b, heads, q, dim], key/value [b, kv_heads, k, dim], mask [b, 1, q, k] (bool: attend, or additive)
+    or None. Runs for one query position, or for several when the caller passes `grouped_queries=True` (the
+    draft check: a few positions, always with a mask). Returns ([b, q, heads, dim], None) as transformers'
+    attention functions do."""
     b, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    if q_len != 1 or dropout or heads % kv_heads or any(kwargs.get(k) is not None for k in _UNMODELLED):
+    several = grouped_queries and attention_mask is not None and q_len <= MAX_QUERIES
+    if (q_len != 1 and not several) or dropout or heads % kv_heads or any(kwargs.get(k) is not None
+                                                                          for k in _UNMODELLED):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
-    q = query.float().reshape(b, kv_heads, groups, dim)  # the heads of a group share their kv head
-    scores = torch.matmul(q, key.float().transpose(-1, -2))  # [b, kv_heads, groups, k]
+    q = query.float().reshape(b, kv_heads, groups * q_len, dim)  # the heads of a group share their kv head
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, kv_heads, groups, q_len, k_len)
     scores.mul_(scale)
     if attention_mask is not None:  # a finite floor, not -inf: a row with nothing to attend to (a padding
         # query) gets a finite average, not NaN that the next layer's keys would spread to every row
-        mask = attention_mask[:, :, -1:, -k_len:]  # [b, 1, 1, k]: the same for every head
+        mask = attention_mask[:, :, None, -q_len:, -k_len:]  # [b, 1, 1, q, k]: the same for every head
         if mask.dtype == torch.bool:
             scores.masked_fill_(~mask, _FLOOR)
         else:
             scores.add_(mask.float()).clamp_(min=_FLOOR)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, value.float()).view(b, heads, 1, value.shape[-1])
+    probs = torch.softmax(scores, dim=-1).view(b, kv_heads, groups * q_len, k_len)
+    out = torch.matmul(probs, value.float()).view(b, heads, q_len, value.shape[-1])
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

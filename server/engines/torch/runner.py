@@ -19,6 +19,9 @@ class ModelRunner:
         self.cache: BatchCache | None = None
         self.mask: torch.Tensor | None = None
         self.compactions = 0  # holes left by rejected drafts squeezed out (a test reads it)
+        from server.engines.torch.attention import NAME
+
+        self.grouped_queries = getattr(model.config, "_attn_implementation", None) == NAME
 
     def kv_tokens(self, rows: int) -> int:
         return 0 if self.cache is None else self.cache.length * rows
@@ -94,8 +97,9 @@ class ModelRunner:
             fed[i, :len(r)] = 1
             pos[i] = torch.arange(p, p + width).clamp(max=p + len(r) - 1)  # padding never past the context
         self.mask = torch.cat([self.mask, fed.to(self.device)], dim=1)
+        extra = {"grouped_queries": True} if self.grouped_queries else {}  # attention.py: several positions
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask, position_ids=pos.to(self.device),
-                         past_key_values=self.cache, use_cache=True)
+                         past_key_values=self.cache, use_cache=True, **extra)
         return out.logits
 
     def settle(self, kept: list[int], width: int) -> None:
