@@ -65,17 +65,26 @@ class Admission:
             self.by_id.pop(request_id, None)
 
     # ---- the engine thread's side ----------------------------------------------------------------
-    def next_step(self, running: int) -> tuple[list[Job], list[Waiting], list[Waiting]] | None:
+    def next_step(self, running: int, on_idle: Callable[[], None] | None = None
+                  ) -> tuple[list[Job], list[Waiting], list[Waiting]] | None:
         """Wait for work; return (jobs, sequences joining the batch, sequences aborted while waiting),
-        or None once stopping."""
+        or None once stopping. `on_idle` runs when there is nothing to do, just before waiting (outside
+        the lock: the event loop may queue work meanwhile)."""
         with self.cond:
-            while not self.pending and not running and not self.jobs and not self.stopping:
+            idle = self._nothing_to_do(running)
+        if idle and on_idle is not None:
+            on_idle()
+        with self.cond:
+            while self._nothing_to_do(running):
                 self.cond.wait()
             if self.stopping:
                 return None
             jobs, self.jobs = list(self.jobs), deque()
             new, dropped = self._admit(running)
             return jobs, new, dropped
+
+    def _nothing_to_do(self, running: int) -> bool:
+        return not self.pending and not running and not self.jobs and not self.stopping
 
     def _admit(self, running: int) -> tuple[list[Waiting], list[Waiting]]:
         new: list[Waiting] = []

@@ -1,6 +1,7 @@
-"""What the int8 and int4 linear layers share: a call that flattens the input, casts it to the
-kernel's dtype only where needed (a decode step makes ~200 of these calls), runs the packed-weight
-kernel, adds the bias and returns the caller's shape and dtype. Subclasses give `_matmul`."""
+"""What the packed linear layers (int8, int4, oneDNN) share: a call that flattens the input, casts it to
+the kernel's dtype only where needed (a decode step makes ~200 of these calls), runs the packed-weight
+kernel, adds the bias and returns the caller's shape and dtype (subclasses give `_matmul`); and putting
+such a layer in a model's place."""
 
 from __future__ import annotations
 
@@ -28,3 +29,16 @@ class PackedLinear(nn.Module):
             y = y + self.bias
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is."""
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], new)
+
+
+def untie_head(model: nn.Module) -> None:
+    """The output head is now its own packed or quantized copy: nothing may re-tie it to the input
+    embedding (transformers re-ties them on tie_weights() while tie_word_embeddings is set)."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from server.engines.torch.onednn_linear import OneDNNLinear
+from server.engines.torch.packed_linear import swap_module, untie_head
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,8 @@ def prepack_linears(model: nn.Module) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     with torch.no_grad():
         for full, module in layers:
-            parent = model.get_submodule(full.rsplit(".", 1)[0]) if "." in full else model
-            setattr(parent, full.rsplit(".", 1)[-1], OneDNNLinear.from_linear(module))
-    if any(m is head for _, m in layers) and getattr(model.config, "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False  # the head is its own packed copy now; nothing re-ties it
+            swap_module(model, full, OneDNNLinear.from_linear(module))
+    if any(m is head for _, m in layers):
+        untie_head(model)
     log.info("%d %s linear layers prepacked for oneDNN (%.2fx per decode matmul, measured)", len(layers), name, gain)
     return f"{KERNEL}, {name}, {gain:.2f}x nn.Linear at load"

@@ -25,6 +25,7 @@ from torch import nn
 
 from server.engines.torch.int4_linear import GROUP_SIZES, Int4Linear
 from server.engines.torch.int8_linear import Int8Linear
+from server.engines.torch.packed_linear import swap_module, untie_head
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,10 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
                 new = Int8Linear.from_linear(module, head_dtype if module is head else compute_dtype)
             else:
                 new = Int4Linear.from_linear(module, group_size, compute_dtype)
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], new)
+        swap_module(model, name, new)
         quantized += 1
-    if head is not None and type(head) is nn.Linear and getattr(model.config, "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False  # the head is now its own quantized copy; nothing re-ties it
+    if head is not None and type(head) is nn.Linear:
+        untie_head(model)
     if kept:
         log.warning("%s: %d linear layers stay full precision (width not a multiple of %d): %s", method, len(kept),
                     group_size, ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""))

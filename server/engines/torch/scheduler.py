@@ -149,9 +149,8 @@ class BatchScheduler(PrefillStage):
 
     def _loop(self) -> None:
         while True:
-            if not self._rows and not self._prefilling:  # may wait: let idle OpenMP threads go (openmp.py)
-                release_idle_team()
-            step = self.queue.next_step(len(self._rows) + len(self._prefilling))
+            # before waiting for work, let idle OpenMP threads go (openmp.py)
+            step = self.queue.next_step(len(self._rows) + len(self._prefilling), on_idle=release_idle_team)
             if step is None:
                 break
             jobs, new, dropped = step
