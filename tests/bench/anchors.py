@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare import memory_bandwidth, served_weight_bytes, thread_env, weight_bytes  # noqa: E402
 from bench.machine import describe, summary  # noqa: E402
+from bench.output import pyplot, save_figure  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 from server.bench.loadgen import BenchConfig, make_client, run_level  # noqa: E402
 from server.bench.prompts import synthetic_prompts  # noqa: E402
@@ -277,10 +278,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     names = list(result["systems"])[::-1]
@@ -295,9 +293,7 @@ def plot(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"SmolLM2-135M-Instruct anchors; {summary(m)}; {result['memory_bandwidth']['gb_s']} GB/s; "
                  f"load {m['load_avg_1_5_15_after_start'][0]}-{m['load_avg_1_5_15_at_end'][0]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

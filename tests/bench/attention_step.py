@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from server.engines.torch.attention import grouped_attention
 from tests.bench.machine import describe, summary
-from tests.bench.output import write_result
+from tests.bench.output import pyplot, save_figure, write_result
 
 FIGURES = Path(__file__).parent / "figures"
 
@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["results"]
     dtypes = sorted({r["dtype"] for r in rows})
@@ -119,9 +116,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"one layer's decode attention, {dtype}")
         ax.legend()
     fig.suptitle(summary(result["machine"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

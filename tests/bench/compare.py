@@ -33,6 +33,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.adapters import ADMIN, hot_load, make_adapters  # noqa: E402
+from bench.output import pyplot, save_figure  # noqa: E402
 from compress.greedy import greedy_answers, load_generator  # noqa: E402
 from conftest import ServerProcess  # noqa: E402
 from server.bench.loadgen import BenchConfig, make_client, run_level  # noqa: E402
@@ -344,10 +345,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax, conc in zip(axes, (1, 16)):
@@ -362,9 +360,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"SmolLM2-135M-Instruct, {m['cpus']} CPUs ({result['settings']['threads']} thread(s) each), "
                  f"{result['memory_bandwidth']['gb_s']} GB/s measured; "
                  f"{result['settings']['max_tokens']} output tokens per request")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Decode speed of the PyTorch engine's linear kernels, at batch 1 and 8, in process: full precision on
-oneDNN-prepacked weights (the default) and on plain nn.Linear (`-eager`), load-time int8/int4 on torch's
+oneDNN-prepacked weights with q/k/v and gate/up fused (the default), prepacked but not fused
+(`-unfused`) and on plain nn.Linear (`-eager`), load-time int8/int4 on torch's
 packed kernels, and the older torchao / bitsandbytes path.
 
     python -m tests.bench.int_kernels                 # SmolLM2-135M-Instruct, the embedded default
@@ -30,13 +31,22 @@ from tests.bench.output import write_result
 
 FIGURES = Path(__file__).parent / "figures"
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
-VARIANTS = ("fp32", "bf16", "fp32-eager", "bf16-eager", "int8", "int4", "int8-torchao", "int4-bnb")
+VARIANTS = ("fp32", "bf16", "fp32-unfused", "bf16-unfused", "fp32-eager", "bf16-eager", "int8", "int4",
+            "int8-torchao", "int4-bnb")
 FULL = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def load(variant: str, path: str) -> TorchEngine:
     if variant in FULL:  # linears on oneDNN-prepacked weights where that measured faster (engine default)
         return TorchEngine.load(variant, path, dtype=FULL[variant])
+    if variant.endswith("-unfused"):  # prepacked, but q/k/v and gate/up as separate matmuls (fused_projections.py)
+        from server.engines.torch import fused_projections
+
+        groups, fused_projections.GROUPS = fused_projections.GROUPS, ()
+        try:
+            return TorchEngine.load(variant, path, dtype=FULL[variant.removesuffix("-unfused")])
+        finally:
+            fused_projections.GROUPS = groups
     if variant.endswith("-eager"):  # plain nn.Linear, as before #19 item 2
         return TorchEngine.load(variant, path, dtype=FULL[variant.removesuffix("-eager")], prepack_weights=False)
     if variant in ("int8", "int4"):

@@ -32,6 +32,7 @@ from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from compress.router_features import featurizer
 from compress.router_model import LearnedRouter
 from tests.bench.machine import describe, summary
+from tests.bench.output import pyplot, save_figure
 
 FIGURES = Path(__file__).parent / "figures"
 
@@ -174,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(path: Path, curves: dict, chosen: dict, live_points: dict, target: float, pair: str, footer: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     x = "cost_saved"
@@ -194,15 +192,9 @@ def _plot(path: Path, curves: dict, chosen: dict, live_points: dict, target: flo
     ax.set_xlabel("share of the teacher's cost saved (seconds per output token x tokens)")
     ax.set_ylabel("quality: agreement with teacher (teacher = 1)")
     ax.set_title(f"Routing {pair}: cost saved vs quality", fontsize=10)
-    import textwrap
-
-    fig.text(0.01, 0.01, "\n".join(textwrap.fill(line, 150) for line in footer.splitlines()), fontsize=6,
-             va="bottom")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, footer, dpi=120)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe  # noqa: E402
+from bench.output import pyplot, save_figure  # noqa: E402
 from bench.server_arg import add_server_args, serving  # noqa: E402
 from conftest import engine_flags  # noqa: E402
 
@@ -321,10 +322,7 @@ def grammar_profile(answers: list[str], model_dir: Path) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     engines = list(result["engines"])
     top = f"c{result['settings']['concurrency']}"
@@ -355,9 +353,7 @@ def plot(result: dict, path: Path) -> None:
     c = result["cpu"]
     fig.suptitle(f"SmolLM2-135M-Instruct, {result['settings']['prompts']} prompts; {c['model_name']}, {c['cpus']} "
                  f"CPUs, {result['settings']['threads']} thread(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

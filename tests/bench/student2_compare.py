@@ -18,6 +18,7 @@ from pathlib import Path
 
 from compress.manifest import read_manifest
 from tests.bench.machine import describe, summary
+from tests.bench.output import pyplot, save_figure
 
 FIGURES = Path(__file__).parent / "figures"
 
@@ -116,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(path: Path, curves: dict, recipes: dict, footer: str) -> None:
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     labels = {"today": "today: drop 6 by influence, KD T=2", "span": "span 7 -> 1 healed block, KD T=1"}
@@ -136,13 +132,9 @@ def _plot(path: Path, curves: dict, recipes: dict, footer: str) -> None:
     ax.set_xlabel("share of the teacher's cost saved (seconds per output token x tokens)")
     ax.set_ylabel("quality: mean ROUGE-L vs the teacher (teacher = 1)")
     ax.set_title("Router students on SmolLM2-135M-Instruct at one CPU budget", fontsize=10)
-    fig.text(0.01, 0.01, "\n".join(textwrap.fill(line, 150) for line in footer.splitlines()), fontsize=6,
-             va="bottom")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, footer, dpi=120)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ from torch import nn
 from server.engines.torch.packed_linear import PackedLinear
 
 
+def plain_weight(m: nn.Linear) -> bool:
+    """A dense bf16/fp32 CPU weight (not a quantized tensor subclass, not renamed by a quantizer)."""
+    w = m.__dict__.get("_parameters", {}).get("weight")
+    return (w is not None and type(w) in (nn.Parameter, torch.Tensor) and w.device.type == "cpu"
+            and w.dtype in (torch.bfloat16, torch.float32))
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """The oneDNN-blocked copy of a [out, in] weight (the batch-size hint 1: decode; any row count runs)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)

@@ -1,5 +1,6 @@
 """`prepack_linears`: swap a CPU model's full-precision nn.Linear layers for OneDNNLinear where that
-is measured to be faster on this machine (once per process and dtype).
+is measured to be faster on this machine (once per process and dtype); q/k/v and gate/up become one
+packed matmul each (fused_projections.py).
 
 Why measure: oneDNN's packed path follows its own ISA detection and the gain depends on the CPU
 (AVX-512 bf16, AMX, AVX2 only: there oneDNN refuses bf16 packing outright) and on the dtype. Timing
@@ -19,7 +20,8 @@ import time
 import torch
 from torch import nn
 
-from server.engines.torch.onednn_linear import OneDNNLinear
+from server.engines.torch.fused_projections import fuse_projections
+from server.engines.torch.onednn_linear import OneDNNLinear, plain_weight
 from server.engines.torch.packed_linear import swap_module, untie_head
 
 log = logging.getLogger(__name__)
@@ -74,16 +76,9 @@ def packed_gain(dtype: torch.dtype) -> float:
     return eager / packed
 
 
-def _plain_weight(m: nn.Linear) -> bool:
-    """A dense bf16/fp32 CPU weight (not a quantized tensor subclass, not renamed by a quantizer)."""
-    w = m.__dict__.get("_parameters", {}).get("weight")
-    return (w is not None and type(w) in (nn.Parameter, torch.Tensor) and w.device.type == "cpu"
-            and w.dtype in (torch.bfloat16, torch.float32))
-
-
 def prepack_linears(model: nn.Module) -> str | None:
     """Swap in place when it pays; returns what runs the linears (for /v1/models), None when unchanged."""
-    layers = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and _plain_weight(m)]
+    layers = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and plain_weight(m)]
     if not layers:
         return None
     dtype = layers[0][1].weight.dtype
@@ -93,10 +88,14 @@ def prepack_linears(model: nn.Module) -> str | None:
         log.info("%s linears stay on nn.Linear: prepacked is %.2fx here (needs %.1fx)", name, gain, _MIN_GAIN)
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    groups = fuse_projections(model)  # q/k/v and gate/up: one packed matmul each (fused_projections.py)
+    rest = [(full, m) for full, m in model.named_modules() if type(m) is nn.Linear and plain_weight(m)]
     with torch.no_grad():
-        for full, module in layers:
+        for full, module in rest:
             swap_module(model, full, OneDNNLinear.from_linear(module))
-    if any(m is head for _, m in layers):
+    if any(m is head for _, m in rest):
         untie_head(model)
-    log.info("%d %s linear layers prepacked for oneDNN (%.2fx per decode matmul, measured)", len(layers), name, gain)
-    return f"{KERNEL}, {name}, {gain:.2f}x nn.Linear at load"
+    log.info("%d %s linear layers prepacked for oneDNN, %d groups of them fused (%.2fx per decode matmul, "
+             "measured)", len(layers), name, groups, gain)
+    fused = f"; q/k/v and gate/up fused ({groups} groups)" if groups else ""
+    return f"{KERNEL}, {name}, {gain:.2f}x nn.Linear at load{fused}"
