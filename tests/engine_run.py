@@ -1,4 +1,5 @@
-"""Drive an in-process engine directly: greedy token ids for (prompt, adapter) items sent together."""
+"""Drive an in-process engine directly: greedy token ids for (prompt, adapter) items sent together; a
+draft cost model under which prompt lookup checks every draft."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import torch
 
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
+from server.engines.torch.prompt_lookup import StepCost
 
 
 def greedy_tokens(engine, items: list[tuple[str, str | None]], max_tokens: int = 12) -> list[list[int]]:
@@ -36,3 +38,11 @@ def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
     """Mean KL(p || q) per position, from logits."""
     return float(torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True,
                                             reduction="none").sum(-1).mean())
+
+
+class FreeTokens(StepCost):
+    """Extra tokens in a forward cost nothing: every draft is checked whole (the cost-based width would
+    skip most drafts of these low-acceptance models, and these tests are about exactness)."""
+
+    def ratio(self) -> float:
+        return 0.0

@@ -13,12 +13,11 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from engine_run import greedy_tokens
+from engine_run import FreeTokens, greedy_tokens
 from server.engines.speculation_config import NgramConfig
 from server.engines.torch import attention
 from server.engines.torch.attention import grouped_attention
 from server.engines.torch.engine import TorchEngine
-from test_prompt_lookup import _FreeTokens
 
 
 class _Module:  # what the attention functions read off a layer
@@ -120,7 +119,7 @@ def test_engine_outputs_equal_sdpa_with_prompt_lookup(tiny_model_dir, monkeypatc
     lookup = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1)
     plain, _ = _greedy(tiny_model_dir, "float32", grouped=False)
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", lookup=lookup)
-    engine._scheduler.step_cost = _FreeTokens()  # drafts always worth checking: the path under test runs
+    engine._scheduler.step_cost = FreeTokens()  # drafts always worth checking: the path under test runs
     asyncio.run(engine.start())
     try:
         grouped = greedy_tokens(engine, ITEMS, max_tokens=24) + [greedy_tokens(engine, ITEMS[1:2], max_tokens=24)[0]]

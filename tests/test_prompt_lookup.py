@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 
+from engine_run import FreeTokens
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.speculation_config import NgramConfig, ngram_config, vllm_speculative_config
 from server.engines.torch.engine import TorchEngine
@@ -67,18 +68,10 @@ def _model(folder, attention: float):
     return path
 
 
-class _FreeTokens(StepCost):
-    """Extra tokens in a forward cost nothing: every draft is checked whole (the cost-based width would
-    skip most drafts of these low-acceptance models, and these tests are about exactness)."""
-
-    def ratio(self) -> float:
-        return 0.0
-
-
 def _pair(path):
     plain = TorchEngine.load("tiny", path, dtype="float32")
     lookup = TorchEngine.load("tiny", path, dtype="float32", lookup=LOOKUP)
-    lookup._scheduler.step_cost = _FreeTokens()
+    lookup._scheduler.step_cost = FreeTokens()
     for engine in (plain, lookup):
         asyncio.run(engine.start())
     return plain, lookup
