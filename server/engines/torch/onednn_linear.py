@@ -29,6 +29,16 @@ def plain_weight(m: nn.Linear) -> bool:
             and w.dtype in (torch.bfloat16, torch.float32))
 
 
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype on this CPU (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT:
+    an AVX2-only CPU refuses it, and the engine keeps nn.Linear there)."""
+    try:
+        pack_weight(torch.zeros(8, 8, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """The oneDNN-blocked copy of a [out, in] weight (the batch-size hint 1: decode; any row count runs)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
