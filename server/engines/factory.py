@@ -151,6 +151,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         quantization=settings.quantization, lookup=lookup, enable_prefix_caching=settings.enable_prefix_caching,
         prefix_cache_bytes=settings.prefix_cache_bytes, max_num_batched_tokens=settings.max_num_batched_tokens,
         prepack_weights=settings.prepack_weights, grouped_attention=settings.grouped_attention,
+        compile_decode=settings.compile_decode,
     )
     if draft:
         engine.attach_draft(draft, num_speculative_tokens)

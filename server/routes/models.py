@@ -42,6 +42,8 @@ def _dtype_fields(engine) -> dict:
         fields["linear_kernel"] = engine.linear_kernel
     if getattr(engine, "attention_kernel", None):
         fields["attention_kernel"] = engine.attention_kernel
+    if getattr(engine, "decode_step", None):
+        fields["decode_step"] = engine.decode_step
     return fields
 
 

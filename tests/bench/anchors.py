@@ -12,7 +12,8 @@ and slimserve's PyTorch engine, each driven by the same load generator at concur
   `llamacpp_q4_1_t1` is the same server on one thread: on a 2-core machine shared with other jobs
   its two OpenMP threads wait at every barrier for a descheduled partner;
 - slimserve, PyTorch engine: bf16 and fp32 (`dtype: auto` is bf16 on a CPU with avx512_bf16), and
-  int4 at load (the 4-bit row to set beside llama.cpp's Q4_1).
+  int4 at load (the 4-bit row to set beside llama.cpp's Q4_1); `_compiled`: with --compile-decode
+  (compiled before the server is ready: its start time is in `start_s`).
 
 All servers on the same SmolLM2-135M-Instruct (the bf16 folder slimserve expands from that GGUF),
 the same seeded prompts (streamed chat, 128 output tokens). One server at a time by default (started,
@@ -53,8 +54,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LLAMACPP_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 VLLM_ENGINE = ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(512 << 20), "--gpu-memory-utilization",
                "0.1"]
-SYSTEMS = ("raw_vllm_bf16", "raw_vllm_fp32", "slimserve_torch_bf16", "slimserve_torch_fp32",
-           "slimserve_torch_int4", "llamacpp_q4_1", "llamacpp_q4_1_t1")
+SYSTEMS = ("raw_vllm_bf16", "raw_vllm_fp32", "slimserve_torch_bf16", "slimserve_torch_bf16_compiled",
+           "slimserve_torch_fp32", "slimserve_torch_int4", "slimserve_torch_int4_compiled", "llamacpp_q4_1",
+           "llamacpp_q4_1_t1")
 
 
 def raw_vllm(model_dir: Path, dtype: str, env: dict) -> ServerProcess:
@@ -120,9 +122,10 @@ def start(names: list[str], model_dir: Path, threads: int) -> tuple[dict, dict]:
                 continue
             servers[name] = llamacpp(find_gguf(), 1 if name.endswith("_t1") else threads)
         else:
-            dtype = {"fp32": "float32"}.get(name[-4:], "bfloat16")
-            quant = ["--quantization", "int4"] if name.endswith("int4") else []
-            servers[name] = slimserve(name, ["--dtype", dtype, *quant], env)
+            dtype = "float32" if "_fp32" in name else "bfloat16"
+            quant = ["--quantization", "int4"] if "_int4" in name else []
+            compiled = ["--compile-decode"] if name.endswith("_compiled") else []  # compiles before it is ready
+            servers[name] = slimserve(name, ["--dtype", dtype, *quant, *compiled], env)
     return servers, skipped
 
 
@@ -240,7 +243,7 @@ def targets(systems: dict) -> dict:
     """Issue #19's targets, each best against best (the dtype that is fastest for each side)."""
     def best(prefix: str, conc: int, key: str = "output_tok_per_s", low: bool = False):
         rows = [(k, r[f"c{conc}"][key]) for k, r in systems.items() if k.startswith(prefix) and
-                not k.endswith("int4") and r.get(f"c{conc}", {}).get(key) is not None]
+                "_int4" not in k and r.get(f"c{conc}", {}).get(key) is not None]
         return (min if low else max)(rows, key=lambda kv: kv[1]) if rows else (None, None)
 
     out = {}
@@ -252,13 +255,13 @@ def targets(systems: dict) -> dict:
     (s, st), (v, vt) = best("slimserve_torch", 16, "ttft_p50_ms", True), best("raw_vllm", 16, "ttft_p50_ms", True)
     if st and vt:
         out["TTFT p50 c16 <= raw vLLM's"] = {"slimserve": [s, st], "raw_vllm": [v, vt], "met": st <= vt}
-    for k in ("slimserve_torch_bf16", "slimserve_torch_fp32", "slimserve_torch_int4"):
+    for k in [k for k in systems if k.startswith("slimserve_torch")]:
         frac = systems.get(k, {}).get("c1", {}).get("decode_fraction_of_bound")
         if frac is not None:
             out[f"{k} batch-1 decode >= 0.5 of bandwidth bound"] = {"fraction": frac, "met": frac >= 0.5}
     llama = max((r["c1"]["output_tok_per_s"] for k, r in systems.items() if k.startswith("llamacpp")
                  and r.get("c1", {}).get("output_tok_per_s")), default=None)  # its best thread count
-    for k in ("slimserve_torch_int4", "slimserve_torch_bf16"):
+    for k in [k for k in systems if k.startswith("slimserve_torch") and "_fp32" not in k]:
         mine = systems.get(k, {}).get("c1", {}).get("output_tok_per_s")
         if llama and mine:
             out[f"{k} batch-1 within 1.5x of llama.cpp Q4_1"] = {

@@ -48,7 +48,8 @@ class TorchEngine(HFTokenizing):
                  max_prefill_tokens: int, device: torch.device, source: str = "", quantization: str | None = None,
                  dtype_choice: DtypeChoice | None = None, quantization_kernel: str | None = None,
                  linear_kernel: str | None = None, lookup: NgramConfig | None = None, enable_prefix_caching: bool = True,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, max_num_batched_tokens: int | None = None):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, max_num_batched_tokens: int | None = None,
+                 compile_decode: bool = False):
         from compress.load_time import weight_bytes
 
         self.model_id = model_id
@@ -57,6 +58,8 @@ class TorchEngine(HFTokenizing):
         self.quantization_kernel = quantization_kernel  # int8/int4 on torch's packed kernels: which, in what dtype
         self.linear_kernel = linear_kernel  # full-precision linears: oneDNN prepacked, or None (nn.Linear)
         self.attention_kernel = getattr(model.config, "_attn_implementation", None)  # sdpa, slimserve_grouped, ...
+        self.compile_decode = compile_decode  # compiled at start (compiled_decode.py)
+        self.decode_step = "eager"  # or "compiled", or why not
         self.dtype_choice = dtype_choice or DtypeChoice(_param_dtype(model), "the model's own dtype (built in process)")
         self.sampling_defaults: dict = {}  # set by the factory from the folder's generation_config
         self.model = model
@@ -91,7 +94,8 @@ class TorchEngine(HFTokenizing):
              **batching) -> "TorchEngine":
         """`batching`: enable_prefix_caching, prefix_cache_bytes, max_num_batched_tokens (see __init__).
         `prepack_weights`: full-precision linears on oneDNN-packed weights where measured faster (prepack.py).
-        `grouped_attention`: decode-step attention without sdpa's per-group copies of the cache (attention.py)."""
+        `grouped_attention`: decode-step attention without sdpa's per-group copies of the cache (attention.py).
+        `compile_decode` (a batching kwarg): decode steps through torch.compile, compiled at start (compiled_decode.py)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
@@ -273,9 +277,37 @@ class TorchEngine(HFTokenizing):
 
         release_idle_team()  # the loading thread's idle OpenMP team would slow every step (openmp.py)
         self._scheduler.start()
+        if self.compile_decode:  # before the first request, on the engine thread like all torch work
+            self.decode_step = await asyncio.wrap_future(self._scheduler.call(self._compile_decode))
+
+    def _compile_decode(self) -> str:
+        from server.engines.torch.compiled_decode import CompiledDecode, why_not
+        from server.engines.torch.runner import ModelRunner
+
+        reason = why_not(self.model, self.device)
+        if reason is None:
+            runner = self._scheduler.runner
+            try:
+                compiled = CompiledDecode(self.model)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                try:
+                    seconds = compiled.warm_up(ModelRunner(self.model, self.device, runner.pad_id))
+                except Exception as exc:  # inductor, the C++ compiler, a model it cannot trace: stay eager
+                    compiled.close()
+                    reason = f"compiling failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                else:
+                    runner.compiled = compiled
+                    log.info("decode step compiled in %.0f s", seconds)
+                    return "compiled"
+        log.warning("decode steps run eagerly: %s", reason)
+        return f"eager ({reason})"
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._scheduler.stop)
+        if self._scheduler.runner.compiled is not None:
+            self._scheduler.runner.compiled.close()
 
 
 async def _drain(queue: asyncio.Queue, abort) -> AsyncIterator[Chunk]:

@@ -51,6 +51,16 @@ class SlotLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def step_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key/value buffers, with room for one more column (a compiled step writes it)."""
+        self._reserve(self.length + 1, self._k, self._v)
+        return self._k, self._v
+
+    def advance(self, columns: int) -> None:
+        """`columns` more positions were written past `length` (by a compiled step)."""
+        self.length += columns
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
     def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 0) -> None:
         """Replace the contents with `keys`/`values` (already aligned), keeping `spare` free columns."""
         self._k = self._v = None
@@ -111,6 +121,15 @@ class BatchCache(Cache):
     def drop_front(self, columns: int) -> None:
         for layer in self.layers:
             layer.drop_front(columns)
+
+    def step_buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Each layer's key and value buffers with room for one more column, and that column's index."""
+        buffers = [layer.step_buffers() for layer in self.layers]
+        return [k for k, _ in buffers], [v for _, v in buffers], self.length
+
+    def advance(self, columns: int) -> None:
+        for layer in self.layers:
+            layer.advance(columns)
 
     def nbytes(self) -> int:
         """Bytes the key/value buffers hold, reserved columns included (what the process spends)."""

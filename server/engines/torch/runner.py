@@ -19,6 +19,7 @@ class ModelRunner:
         self.cache: BatchCache | None = None
         self.mask: torch.Tensor | None = None
         self.compactions = 0  # holes left by rejected drafts squeezed out (a test reads it)
+        self.compiled = None  # compiled_decode.CompiledDecode, set by the engine once it has compiled
         from server.engines.torch.attention import NAME
 
         self.grouped_queries = getattr(model.config, "_attn_implementation", None) == NAME
@@ -75,11 +76,16 @@ class ModelRunner:
         cache, mask = new_rows
         self.cache, self.mask = merge(self.cache, self.mask, cache, mask)
 
-    def decode(self, last_tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One step for every running row: logits [rows, vocab] of the next token."""
+    def decode(self, last_tokens: list[int], positions: list[int], compiled: bool = True) -> torch.Tensor:
+        """One step for every running row: logits [rows, vocab] of the next token. `compiled`: the
+        compiled step may run it (False: rows with adapters, which it does not model)."""
         ids = torch.tensor([[t] for t in last_tokens], device=self.device)
         pos = torch.tensor([[p] for p in positions], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(last_tokens), 1))], dim=1)
+        if compiled and self.compiled is not None and self.compiled.usable:
+            logits = self.compiled.step(self, ids, pos)
+            if logits is not None:
+                return logits
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
                          use_cache=True)
         return out.logits[:, -1, :]

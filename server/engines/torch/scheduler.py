@@ -191,7 +191,8 @@ class BatchScheduler(PrefillStage):
             self._decode_drafts(rows, drafts)
             return
         started = time.perf_counter()
-        logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows])
+        logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows],
+                                    compiled=self.lora is None or self.lora.mask is None)
         if self.lookup is not None:
             self.step_cost.observe(len(rows), time.perf_counter() - started)
         self._accept(rows, self._pick(logits.float(), rows))

@@ -1,0 +1,103 @@
+"""The decode step through torch.compile (inductor, CPU), compiled before the engine serves (#19 item 2).
+
+A prepacked bf16 step of SmolLM2 spent ~half its time outside the linears: ~200 small ops and ~500
+Python module calls a step. Compiled, the ops between two linears become one generated C++ loop and
+the module tree disappears; the linears stay the layers' own kernels (linear_op.py). Shapes are
+dynamic: torch makes one graph for a single row and one for several (it specialises size 1), and
+`warm_up` compiles both on scratch rows at start (~1-2 min on 2 cores), so no request waits for a
+compile. After that a step that would need another graph runs eagerly instead (the stance
+"fail_on_recompile"), and after `_MAX_FAILURES` failed steps the engine stays eager.
+
+Outputs: bf16 intermediates are rounded as eager rounds them (`emulate_precision_casts`; without it
+inductor keeps them in fp32 and greedy tokens drift from eager's). fp32: the same greedy tokens as the
+eager step (tests/test_compiled_decode.py). bf16: reductions (norms, softmax) still sum in another
+order, so a near tie can flip a token, as with the grouped attention: on the random tiny model the
+test holds it to precision (KL to the fp32 model no worse than eager bf16's); on SmolLM2 a probe gave
+eager's tokens for 4 rows x 48 steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.fx.experimental._config as _fx_config
+
+from server.engines.torch.decode_graph import DecodeGraph, unsupported
+
+log = logging.getLogger(__name__)
+
+_MAX_FAILURES = 3
+_WARM_ROWS = (1, 2)  # a graph for one row, one for any number above
+
+
+def why_not(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why the decode step of this model on this device is not compiled, or None."""
+    if device.type != "cpu":
+        return "compiled decode is built for CPUs (no CUDA graphs yet)"
+    return unsupported(model)
+
+
+class CompiledDecode:
+    def __init__(self, model: torch.nn.Module):
+        self.graph = DecodeGraph(model)
+        self._step = torch.compile(self.graph, dynamic=True,
+                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.steps = 0  # decode steps it ran (a test and the log read it)
+        self.failures = 0
+        self.last_error = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.failures < _MAX_FAILURES
+
+    def warm_up(self, runner) -> float:
+        """Compile every graph on scratch rows of `runner` (a ModelRunner of its own). Returns seconds."""
+        started = time.perf_counter()
+        with torch.inference_mode():  # the engine decodes in inference mode: its tensors' dispatch keys are guarded
+            self._warm(runner)
+        return time.perf_counter() - started
+
+    def _warm(self, runner) -> None:
+        for rows in _WARM_ROWS:
+            log.info("compiling the decode step for %s row(s)", rows if rows == 1 else f"{rows}+")
+            runner.join(runner.prefill([[runner.pad_id] * 4] * rows)[1])
+            for position in (4, 5):  # a second step: the length moves (dynamic, no new graph)
+                self._call(runner, [runner.pad_id] * rows, [position] * rows, strict=False)
+            runner.clear()
+
+    def step(self, runner, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """Logits [rows, vocab] of one decode step over runner's cache and mask (the new column already
+        in the mask), or None when the compiled step cannot run it (the caller runs it eagerly)."""
+        try:
+            logits = self._call(runner, ids, positions, strict=True)
+            self.steps += 1
+            return logits
+        except Exception as exc:  # a guard that needs a new graph, or a failing graph: eager this step
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("compiled decode step failed (%d of %d before staying eager): %s", self.failures,
+                        _MAX_FAILURES, self.last_error.splitlines()[0])
+            return None
+
+    def _call(self, runner, ids, positions, strict: bool) -> torch.Tensor:
+        if not torch.is_tensor(ids):  # warm-up: token lists, and the mask grows here as runner.decode grows it
+            ids = torch.tensor([[t] for t in ids])
+            positions = torch.tensor([[p] for p in positions])
+            runner.mask = torch.cat([runner.mask, runner.mask.new_ones((ids.shape[0], 1))], dim=1)
+        cache = runner.cache
+        keys, values, column = cache.step_buffers()
+        args = (ids, positions, runner.mask.bool(), keys, values, torch.tensor([column]))
+        if strict:  # inference mode always: a grad-mode guard must not split the warm-up's graphs from the steps'
+            with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+                logits = self._step(*args)
+        else:  # each size its own symbol: "duck shaping" would tie 2 rows to a model's 2 kv heads, say
+            with torch._inductor.config.patch(emulate_precision_casts=True), _fx_config.patch(use_duck_shape=False), \
+                    torch.inference_mode():
+                logits = self._step(*args)
+        cache.advance(1)
+        return logits
+
+    def close(self) -> None:
+        self.graph.release()
