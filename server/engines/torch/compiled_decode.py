@@ -2,8 +2,8 @@
 
 A prepacked bf16 step of SmolLM2 spent ~half its time outside the linears: ~200 small ops and ~500
 Python module calls a step. Compiled, the ops between two linears become one generated C++ loop and
-the module tree disappears; the linears stay the layers' own kernels (linear_op.py). Shapes are
-dynamic: torch makes one graph for a single row and one for several (it specialises size 1), and
+the module tree disappears; the linears stay the layers' own kernels (linear_op.py). Only the
+batch's sizes are dynamic (rows, length, buffer capacity): one graph for a single row, one for several, and
 `warm_up` compiles both on scratch rows at start (~1-2 min on 2 cores), so no request waits for a
 compile. After that a step that would need another graph runs eagerly instead (the stance
 "fail_on_recompile"), and after `_MAX_FAILURES` failed steps the engine stays eager.
@@ -22,7 +22,6 @@ import logging
 import time
 
 import torch
-import torch.fx.experimental._config as _fx_config
 
 from server.engines.torch.decode_graph import DecodeGraph, unsupported
 
@@ -42,7 +41,7 @@ def why_not(model: torch.nn.Module, device: torch.device) -> str | None:
 class CompiledDecode:
     def __init__(self, model: torch.nn.Module):
         self.graph = DecodeGraph(model)
-        self._step = torch.compile(self.graph, dynamic=True,
+        self._step = torch.compile(self.graph,
                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.steps = 0  # decode steps it ran (a test and the log read it)
         self.failures = 0
@@ -92,12 +91,25 @@ class CompiledDecode:
         if strict:  # inference mode always: a grad-mode guard must not split the warm-up's graphs from the steps'
             with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
                 logits = self._step(*args)
-        else:  # each size its own symbol: "duck shaping" would tie 2 rows to a model's 2 kv heads, say
-            with torch._inductor.config.patch(emulate_precision_casts=True), _fx_config.patch(use_duck_shape=False), \
-                    torch.inference_mode():
+        else:
+            _mark_dynamic(*args)
+            with torch._inductor.config.patch(emulate_precision_casts=True), torch.inference_mode():
                 logits = self._step(*args)
         cache.advance(1)
         return logits
 
     def close(self) -> None:
         self.graph.release()
+
+
+def _mark_dynamic(ids, positions, mask, keys, values, column) -> None:
+    """Only the batch's sizes vary: rows (above one), the mask's length and the buffers' capacity. Every
+    model dimension stays a constant (all-dynamic shapes took over 6 minutes of symbolic simplification
+    on SmolLM2's 30 layers, and generate slower code)."""
+    rows = ids.shape[0] > 1
+    for t in (ids, positions, mask, *keys, *values):
+        if rows:
+            torch._dynamo.mark_dynamic(t, 0)
+    torch._dynamo.mark_dynamic(mask, 1)
+    for t in (*keys, *values):
+        torch._dynamo.mark_dynamic(t, 2)

@@ -52,8 +52,9 @@ class SlotLayer(DynamicLayer):
         return self.length
 
     def step_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole key/value buffers, with room for one more column (a compiled step writes it)."""
-        self._reserve(self.length + 1, self._k, self._v)
+        """The whole key/value buffers, with room for one more column (a compiled step writes it) and one
+        spare: a compiled graph reads `[:length]` as a strict slice, and a full buffer would need another graph."""
+        self._reserve(self.length + 2, self._k, self._v)
         return self._k, self._v
 
     def advance(self, columns: int) -> None:
