@@ -1,7 +1,7 @@
 """The PyTorch engine's decode step eager against compiled (compiled_decode.py), in process, side by side:
 the same runner, the same rows (1, 4 and 16, left-padded prompts of different lengths), the two paths
-taking turns rep by rep; plus the seconds it took to compile and whether both paths chose the same
-greedy tokens.
+taking turns rep by rep; plus the seconds it took to compile, whether both paths chose the same
+greedy tokens (and the first step where they did not), and, for bf16, each path's KL to the fp32 model.
 
     python -m tests.bench.compiled_step [--dtype bfloat16] [--steps 32] [--reps 3]
 
@@ -49,6 +49,33 @@ def run(model, compiled: CompiledDecode, rows: int, steps: int, use_compiled: bo
     return statistics.median(times[2:]) * 1e3, chosen
 
 
+def forced_logits(model, compiled: CompiledDecode | None, steps: int = 24) -> torch.Tensor:
+    """fp32 logits of `steps` decode steps over three left-padded rows all fed the same fixed tokens."""
+    runner = ModelRunner(model, torch.device("cpu"), 0)
+    runner.compiled = compiled
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 20000, (n,), generator=gen).tolist() for n in (40, 17, 29)]
+    out = []
+    with torch.inference_mode():
+        runner.join(runner.prefill(prompts)[1])
+        for step in range(steps):
+            tokens = torch.randint(3, 20000, (3,), generator=gen).tolist()
+            out.append(runner.decode(tokens, [len(p) + step for p in prompts], compiled=compiled is not None).float())
+    return torch.stack(out)
+
+
+def precision(path: str, model, compiled: CompiledDecode) -> dict:
+    """KL per position to the fp32 model and top-1 agreement with it, eager and compiled."""
+    truth = forced_logits(TorchEngine.load("fp32", path, dtype="float32").model, None)
+    out = {}
+    for name, logits in (("eager", forced_logits(model, None)), ("compiled", forced_logits(model, compiled))):
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), truth.log_softmax(-1), log_target=True,
+                                        reduction="none").sum(-1).mean()
+        out[name] = {"kl_to_fp32": round(float(kl), 5),
+                     "top1_agreement": round(float((logits.argmax(-1) == truth.argmax(-1)).float().mean()), 3)}
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
     rows = [r["rows"] for r in result["levels"]]
@@ -90,17 +117,22 @@ def main(argv: list[str] | None = None) -> int:
             ms, got = run(engine.model, compiled, rows, args.steps, use_compiled=True)
             compiled_ms.append(ms)
             same = same and got == want
+            first_difference = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
         level = {"rows": rows, "eager_ms": round(min(eager_ms), 2), "compiled_ms": round(min(compiled_ms), 2),
                  "eager_ms_median": round(statistics.median(eager_ms), 2),
                  "compiled_ms_median": round(statistics.median(compiled_ms), 2),
                  "eager_tok_s": round(rows * 1e3 / min(eager_ms), 1),
                  "compiled_tok_s": round(rows * 1e3 / min(compiled_ms), 1),
-                 "speedup": round(min(eager_ms) / min(compiled_ms), 2), "same_greedy_tokens": same}
+                 "speedup": round(min(eager_ms) / min(compiled_ms), 2), "same_greedy_tokens": same,
+                 "first_different_step": first_difference}
         levels.append(level)
         print(f"{rows:>3} row(s): eager {level['eager_ms']:6.2f} ms, compiled {level['compiled_ms']:6.2f} ms "
               f"({level['speedup']:.2f}x); same greedy tokens over {args.steps} steps: {same}", flush=True)
     assert compiled.failures == 0, compiled.last_error
-    result = {"model": path, "cpu": cpu, "torch": torch.__version__, "dtype": args.dtype,
+    prec = precision(path, engine.model, compiled) if args.dtype != "float32" else None
+    if prec:
+        print(f"against the fp32 model over 24 forced steps x 3 rows: {prec}", flush=True)
+    result = {"precision_vs_fp32": prec,"model": path, "cpu": cpu, "torch": torch.__version__, "dtype": args.dtype,
               "threads": torch.get_num_threads(), "compile_s": round(compile_s, 1), "levels": levels,
               "load_avg_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
               "command": f"python -m tests.bench.compiled_step --dtype {args.dtype} --rows {args.rows} "
