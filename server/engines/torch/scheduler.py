@@ -24,6 +24,7 @@ from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.torch.acceptance import TokenAcceptor
 from server.engines.speculation_config import NgramConfig
 from server.engines.torch.admission import Admission
+from server.engines.torch.frame_headroom import run_with_headroom
 from server.engines.torch.openmp import release_idle_team
 from server.engines.torch.prefill_stage import PrefillStage
 from server.engines.torch.prefix_cache import PrefixCache
@@ -140,7 +141,7 @@ class BatchScheduler(PrefillStage):
     # ---- worker thread --------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._loop()
+            run_with_headroom(self._loop)  # no frame-stack chunk churn under the steps (frame_headroom.py)
         finally:  # stopped, or died: nothing may wait forever on a thread that is gone
             queued, jobs = self.queue.drain()
             self._fail(queued + self._admitting + self._prefilling + self._rows, EngineError("the engine stopped"))
