@@ -13,7 +13,7 @@ import torch
 
 from adapter_factory import make_adapter
 from adapters.loader import load_lora
-from engine_run import greedy_tokens, mean_kl
+from engine_run import FreeTokens, greedy_tokens, mean_kl
 from server.engines.torch.compiled_decode import CompiledDecode
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.runner import ModelRunner
@@ -114,3 +114,28 @@ def test_a_failing_graph_falls_back_to_eager_steps(tiny_model_dir):
         asyncio.run(engine.shutdown())
     assert out == eager
     assert compiled.failures == 3 and not compiled.usable and "released" in compiled.last_error
+
+
+def test_draft_checks_compiled_keep_the_eager_engines_tokens(tmp_path):
+    """Prompt lookup on a compiled engine: its draft checks (several positions a row) run through the
+    compiled graph too, and every row's output is the plain eager engine's (fp32; rows of one and many)."""
+    from test_prompt_lookup import LOOKUP, ROWS, _model, _run as run_rows
+
+    path = _model(tmp_path / "model", 0.0)  # a bigram model: drafts get accepted
+    plain = TorchEngine.load("tiny", path, dtype="float32")
+    engine = TorchEngine.load("tiny", path, dtype="float32", lookup=LOOKUP, compile_decode=True)
+    engine._scheduler.step_cost = FreeTokens()  # check every draft
+    for e in (plain, engine):
+        asyncio.run(e.start())
+    try:
+        want = run_rows(plain, ROWS) + run_rows(plain, ROWS[:1])
+        got = run_rows(engine, ROWS) + run_rows(engine, ROWS[:1])
+    finally:
+        for e in (plain, engine):
+            asyncio.run(e.shutdown())
+    compiled = engine._scheduler.runner.compiled
+    assert engine.decode_step == "compiled" and compiled.drafts
+    assert compiled.failures == 0, compiled.last_error
+    spec = engine._scheduler.spec
+    assert spec.drafts > 5 and spec.accepted > 10 and compiled.draft_steps > 3  # through the graph
+    assert got == want

@@ -11,8 +11,8 @@ and slimserve's PyTorch engine, each driven by the same load generator at concur
   per token) and EOS is banned by logit_bias, since it has no ignore_eos;
   `llamacpp_q4_1_t1` is the same server on one thread: on a 2-core machine shared with other jobs
   its two OpenMP threads wait at every barrier for a descheduled partner;
-- slimserve, PyTorch engine: bf16 and fp32 (`dtype: auto` is bf16 on a CPU with avx512_bf16), and
-  int4 at load (the 4-bit row to set beside llama.cpp's Q4_1); `_compiled`: with --compile-decode
+- slimserve, PyTorch engine: bf16 and fp32 (`dtype: auto` is bf16 on a CPU with avx512_bf16), int8
+  and int4 at load (int4: the 4-bit row to set beside llama.cpp's Q4_1); `_compiled`: with --compile-decode
   (compiled before the server is ready: its start time is in `start_s`).
 
 All servers on the same SmolLM2-135M-Instruct (the bf16 folder slimserve expands from that GGUF),
@@ -55,7 +55,8 @@ LLAMACPP_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 VLLM_ENGINE = ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(512 << 20), "--gpu-memory-utilization",
                "0.1"]
 SYSTEMS = ("raw_vllm_bf16", "raw_vllm_fp32", "slimserve_torch_bf16", "slimserve_torch_bf16_compiled",
-           "slimserve_torch_fp32", "slimserve_torch_int4", "slimserve_torch_int4_compiled", "llamacpp_q4_1",
+           "slimserve_torch_fp32", "slimserve_torch_int8", "slimserve_torch_int8_compiled", "slimserve_torch_int4",
+           "slimserve_torch_int4_compiled", "llamacpp_q4_1",
            "llamacpp_q4_1_t1")
 
 
@@ -123,7 +124,7 @@ def start(names: list[str], model_dir: Path, threads: int) -> tuple[dict, dict]:
             servers[name] = llamacpp(find_gguf(), 1 if name.endswith("_t1") else threads)
         else:
             dtype = "float32" if "_fp32" in name else "bfloat16"
-            quant = ["--quantization", "int4"] if "_int4" in name else []
+            quant = next((["--quantization", q] for q in ("int8", "int4") if f"_{q}" in name), [])
             compiled = ["--compile-decode"] if name.endswith("_compiled") else []  # compiles before it is ready
             servers[name] = slimserve(name, ["--dtype", dtype, *quant, *compiled], env)
     return servers, skipped
@@ -239,11 +240,16 @@ def row(by_conc: dict[int, list[dict]], bound: float) -> dict:
     return out
 
 
+def _quantized(name: str) -> bool:
+    """Weights quantized at load: not a dtype, so not in the best-dtype comparisons."""
+    return "_int4" in name or "_int8" in name
+
+
 def targets(systems: dict) -> dict:
     """Issue #19's targets, each best against best (the dtype that is fastest for each side)."""
     def best(prefix: str, conc: int, key: str = "output_tok_per_s", low: bool = False):
         rows = [(k, r[f"c{conc}"][key]) for k, r in systems.items() if k.startswith(prefix) and
-                "_int4" not in k and r.get(f"c{conc}", {}).get(key) is not None]
+                not _quantized(k) and r.get(f"c{conc}", {}).get(key) is not None]
         return (min if low else max)(rows, key=lambda kv: kv[1]) if rows else (None, None)
 
     out = {}
@@ -259,6 +265,12 @@ def targets(systems: dict) -> dict:
         frac = systems.get(k, {}).get("c1", {}).get("decode_fraction_of_bound")
         if frac is not None:
             out[f"{k} batch-1 decode >= 0.5 of bandwidth bound"] = {"fraction": frac, "met": frac >= 0.5}
+    for k in [k for k in systems if k.startswith("slimserve_torch") and _quantized(k)]:
+        full = k.replace("_int8", "_bf16").replace("_int4", "_bf16")  # the same engine settings, bf16 weights
+        mine, base = (systems.get(n, {}).get("c1", {}).get("output_tok_per_s") for n in (k, full))
+        goal = 1.3 if "_int8" in k else 1.6
+        if mine and base:
+            out[f"{k} batch-1 >= {goal}x {full}"] = {"ratio": round(mine / base, 3), "met": mine / base >= goal}
     llama = max((r["c1"]["output_tok_per_s"] for k, r in systems.items() if k.startswith("llamacpp")
                  and r.get("c1", {}).get("output_tok_per_s")), default=None)  # its best thread count
     for k in [k for k in systems if k.startswith("slimserve_torch") and "_fp32" not in k]:

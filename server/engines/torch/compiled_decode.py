@@ -3,9 +3,9 @@
 A prepacked bf16 step of SmolLM2 spent ~half its time outside the linears: ~200 small ops and ~500
 Python module calls a step. Compiled, the ops between two linears become one generated C++ loop and
 the module tree disappears; the linears stay the layers' own kernels (linear_op.py). Only the
-batch's sizes are dynamic (rows, length, buffer capacity): one graph for a single row, one for several, and
-`warm_up` compiles both on scratch rows at start (~1-2 min on 2 cores), so no request waits for a
-compile. After that a step that would need another graph runs eagerly instead (the stance
+batch's sizes are dynamic (rows, length, buffer capacity, a draft check's width): one graph for a single
+row, one for several, and with prompt lookup on the same two for its draft checks; `warm_up` compiles
+them on scratch rows at start (~1-2 min on 2 cores), so no request waits for a compile. After that a step that would need another graph runs eagerly instead (the stance
 "fail_on_recompile"), and after `_MAX_FAILURES` failed steps the engine stays eager.
 
 Outputs: bf16 intermediates are rounded as eager rounds them (`emulate_precision_casts`; without it
@@ -32,6 +32,7 @@ _MAX_FAILURES = 3
 # measured served: c=1 31.9 vs eager 39.2 tok/s, c=16 319 vs 327; not kept)
 _INDUCTOR = {"emulate_precision_casts": True}
 _WARM_ROWS = (1, 2)  # a graph for one row, one for any number above
+_WARM_WIDTHS = (1, 2)  # a decode step; a draft check of 2 or more positions (prompt lookup)
 
 
 def why_not(model: torch.nn.Module, device: torch.device) -> str | None:
@@ -42,11 +43,14 @@ def why_not(model: torch.nn.Module, device: torch.device) -> str | None:
 
 
 class CompiledDecode:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, drafts: bool = False):
+        """`drafts`: also compile the graphs of prompt lookup's draft check (several positions a row)."""
         self.graph = DecodeGraph(model)
+        self.drafts = drafts
         self._step = torch.compile(self.graph,
                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-        self.steps = 0  # decode steps it ran (a test and the log read it)
+        self.steps = 0  # steps it ran, draft checks included (tests and the log read them)
+        self.draft_steps = 0
         self.failures = 0
         self.last_error = ""
 
@@ -62,19 +66,25 @@ class CompiledDecode:
         return time.perf_counter() - started
 
     def _warm(self, runner) -> None:
-        for rows in _WARM_ROWS:
-            log.info("compiling the decode step for %s row(s)", rows if rows == 1 else f"{rows}+")
-            runner.join(runner.prefill([[runner.pad_id] * 4] * rows)[1])
-            for position in (4, 5):  # a second step: the length moves (dynamic, no new graph)
-                self._call(runner, [runner.pad_id] * rows, [position] * rows, strict=False)
-            runner.clear()
+        for width in _WARM_WIDTHS if self.drafts else _WARM_WIDTHS[:1]:
+            for rows in _WARM_ROWS:
+                log.info("compiling the %s for %s row(s)", "decode step" if width == 1 else "draft check",
+                         rows if rows == 1 else f"{rows}+")
+                runner.join(runner.prefill([[runner.pad_id] * 4] * rows)[1])
+                for step in range(2):  # a second step: the length moves (and the width: dynamic, no new graph)
+                    w = width + step if width > 1 else 1
+                    self._call(runner, [[runner.pad_id] * w] * rows, [[4 + step * 3 + j for j in range(w)]] * rows,
+                               strict=False)
+                runner.clear()
 
     def step(self, runner, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """Logits [rows, vocab] of one decode step over runner's cache and mask (the new column already
-        in the mask), or None when the compiled step cannot run it (the caller runs it eagerly)."""
+        """Logits [rows, width, vocab] of one step over runner's cache and mask (the new columns already
+        in the mask; width 1: a decode step, more: a draft check, only when compiled with `drafts`), or
+        None when the compiled step cannot run it (the caller runs it eagerly)."""
         try:
             logits = self._call(runner, ids, positions, strict=True)
             self.steps += 1
+            self.draft_steps += ids.shape[1] > 1
             return logits
         except Exception as exc:  # a guard that needs a new graph, or a failing graph: eager this step
             self.failures += 1
@@ -84,13 +94,13 @@ class CompiledDecode:
             return None
 
     def _call(self, runner, ids, positions, strict: bool) -> torch.Tensor:
-        if not torch.is_tensor(ids):  # warm-up: token lists, and the mask grows here as runner.decode grows it
-            ids = torch.tensor([[t] for t in ids])
-            positions = torch.tensor([[p] for p in positions])
-            runner.mask = torch.cat([runner.mask, runner.mask.new_ones((ids.shape[0], 1))], dim=1)
+        if not torch.is_tensor(ids):  # warm-up: token lists, and the mask grows here as the runner grows it
+            ids, positions = torch.tensor(ids), torch.tensor(positions)
+            runner.mask = torch.cat([runner.mask, runner.mask.new_ones(ids.shape)], dim=1)
         cache = runner.cache
-        keys, values, column = cache.step_buffers()
-        args = (ids, positions, runner.mask.bool(), keys, values, torch.tensor([column]))
+        width = ids.shape[1]
+        keys, values, column = cache.step_buffers(width)
+        args = (ids, positions, runner.mask.bool(), keys, values, torch.arange(column, column + width))
         if strict:  # inference mode always: a grad-mode guard must not split the warm-up's graphs from the steps'
             with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
                 logits = self._step(*args)
@@ -98,7 +108,7 @@ class CompiledDecode:
             _mark_dynamic(*args)
             with torch._inductor.config.patch(_INDUCTOR), torch.inference_mode():
                 logits = self._step(*args)
-        cache.advance(1)
+        cache.advance(width)
         return logits
 
     def close(self) -> None:
@@ -113,6 +123,9 @@ def _mark_dynamic(ids, positions, mask, keys, values, column) -> None:
     for t in (ids, positions, mask, *keys, *values):
         if rows:
             torch._dynamo.mark_dynamic(t, 0)
+    if ids.shape[1] > 1:  # a draft check: its width varies too
+        for t in (ids, positions, column):
+            torch._dynamo.mark_dynamic(t, t.dim() - 1)
     torch._dynamo.mark_dynamic(mask, 1)
     for t in (*keys, *values):
         torch._dynamo.mark_dynamic(t, 2)

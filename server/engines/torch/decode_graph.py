@@ -95,36 +95,44 @@ class DecodeGraph:
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
                  values: list[torch.Tensor], column: torch.Tensor) -> torch.Tensor:
-        """ids, positions [b, 1]; mask [b, length] bool, the new column included; keys/values per layer
-        [b, kv_heads, capacity >= length, dim], written at `column` ([1]: length - 1). -> logits [b, vocab]."""
+        """ids, positions [b, w] (w = 1: a decode step; w > 1: prompt lookup's draft check, each row's last
+        token and draft); mask [b, length] bool, the w new columns included; keys/values per layer
+        [b, kv_heads, capacity >= length, dim], written at `column` ([w]: length - w .. length - 1).
+        -> logits [b, w, vocab]."""
         inner = self.model.model
-        b, length = ids.shape[0], mask.shape[-1]
+        b, w, length = ids.shape[0], ids.shape[1], mask.shape[-1]
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, positions)
         cos, sin = cos[:, None], sin[:, None]
-        hidden = mask[:, None, None, :]  # [b, 1, 1, length]: the same for every head of a group
+        allowed = mask[:, None, :]  # [b, 1, length]
+        if w > 1:  # causal inside the new block: query j sees the columns up to its own
+            last = length - w + torch.arange(w, device=mask.device)
+            allowed = allowed & (torch.arange(length, device=mask.device)[None, None, :] <= last[None, :, None])
+        allowed = allowed[:, None, None]  # [b, 1, 1, w or 1, length]: the same for every head of a group
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             q, k, v = self.attn[i](layer.input_layernorm(h))
-            q = q.view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            k = k.view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            v = v.view(b, 1, -1, attn.head_dim).transpose(1, 2)
+            q = q.view(b, w, -1, attn.head_dim).transpose(1, 2)
+            k = k.view(b, w, -1, attn.head_dim).transpose(1, 2)
+            v = v.view(b, w, -1, attn.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys[i].index_copy_(2, column, k)
             values[i].index_copy_(2, column, v)
-            h = h + linear_op.linear(self._attention(q, keys[i][:, :, :length], values[i][:, :, :length], hidden,
+            h = h + linear_op.linear(self._attention(q, keys[i][:, :, :length], values[i][:, :, :length], allowed,
                                                      attn.scaling), self.out[i])
             gate, up = self.gate_up[i](layer.post_attention_layernorm(h))
             h = h + linear_op.linear(layer.mlp.act_fn(gate) * up, self.down[i])
-        return linear_op.linear(inner.norm(h), self.head)[:, -1, :]
+        return linear_op.linear(inner.norm(h), self.head)
 
     @staticmethod
-    def _attention(q, k, v, mask, scale) -> torch.Tensor:
-        """attention.grouped_attention's arithmetic for one query position: [b, 1, heads * dim]."""
-        b, heads, _, dim = q.shape
-        kv_heads = k.shape[1]
-        scores = torch.matmul(q.float().reshape(b, kv_heads, heads // kv_heads, dim), k.float().transpose(-1, -2))
-        scores = (scores * scale).masked_fill(~mask, _FLOOR)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).view(b, heads, 1, v.shape[-1])
-        return out.to(q.dtype).transpose(1, 2).reshape(b, 1, heads * v.shape[-1])
+    def _attention(q, k, v, allowed, scale) -> torch.Tensor:
+        """attention.grouped_attention's arithmetic: q [b, heads, w, dim] -> [b, w, heads * dim]."""
+        b, heads, w, dim = q.shape
+        kv_heads, length = k.shape[1], k.shape[2]
+        groups = heads // kv_heads
+        scores = torch.matmul(q.float().reshape(b, kv_heads, groups * w, dim), k.float().transpose(-1, -2))
+        scores = (scores.view(b, kv_heads, groups, w, length) * scale).masked_fill(~allowed, _FLOOR)
+        probs = torch.softmax(scores, dim=-1).view(b, kv_heads, groups * w, length)
+        out = torch.matmul(probs, v.float()).view(b, heads, w, v.shape[-1])
+        return out.to(q.dtype).transpose(1, 2).reshape(b, w, heads * v.shape[-1])

@@ -288,7 +288,7 @@ class TorchEngine(HFTokenizing):
         if reason is None:
             runner = self._scheduler.runner
             try:
-                compiled = CompiledDecode(self.model)
+                compiled = CompiledDecode(self.model, drafts=self._scheduler.lookup is not None)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:

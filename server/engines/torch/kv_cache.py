@@ -51,10 +51,10 @@ class SlotLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def step_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole key/value buffers, with room for one more column (a compiled step writes it) and one
+    def step_buffers(self, columns: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key/value buffers, with room for `columns` more (a compiled step writes them) and one
         spare: a compiled graph reads `[:length]` as a strict slice, and a full buffer would need another graph."""
-        self._reserve(self.length + 2, self._k, self._v)
+        self._reserve(self.length + columns + 1, self._k, self._v)
         return self._k, self._v
 
     def advance(self, columns: int) -> None:
@@ -123,9 +123,9 @@ class BatchCache(Cache):
         for layer in self.layers:
             layer.drop_front(columns)
 
-    def step_buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-        """Each layer's key and value buffers with room for one more column, and that column's index."""
-        buffers = [layer.step_buffers() for layer in self.layers]
+    def step_buffers(self, columns: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Each layer's key and value buffers with room for `columns` more, and the first one's index."""
+        buffers = [layer.step_buffers(columns) for layer in self.layers]
         return [k for k, _ in buffers], [v for _, v in buffers], self.length
 
     def advance(self, columns: int) -> None:

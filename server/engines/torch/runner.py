@@ -85,15 +85,16 @@ class ModelRunner:
         if compiled and self.compiled is not None and self.compiled.usable:
             logits = self.compiled.step(self, ids, pos)
             if logits is not None:
-                return logits
+                return logits[:, -1, :]
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
                          use_cache=True)
         return out.logits[:, -1, :]
 
-    def verify(self, rows: list[list[int]], positions: list[int]) -> torch.Tensor:
+    def verify(self, rows: list[list[int]], positions: list[int], compiled: bool = True) -> torch.Tensor:
         """One step that feeds each row its last token and its draft (prompt lookup): logits [rows, width,
         vocab] at every fed position. Shorter rows are right-padded (masked); `settle` then keeps, per
-        row, only the columns of the tokens it accepted."""
+        row, only the columns of the tokens it accepted. `compiled`: the compiled step may run it (when
+        it was compiled for draft checks)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         fed = torch.zeros((len(rows), width), dtype=self.mask.dtype)
@@ -103,6 +104,10 @@ class ModelRunner:
             fed[i, :len(r)] = 1
             pos[i] = torch.arange(p, p + width).clamp(max=p + len(r) - 1)  # padding never past the context
         self.mask = torch.cat([self.mask, fed.to(self.device)], dim=1)
+        if compiled and self.compiled is not None and self.compiled.drafts and self.compiled.usable:
+            logits = self.compiled.step(self, ids.to(self.device), pos.to(self.device))
+            if logits is not None:
+                return logits
         extra = {"grouped_queries": True} if self.grouped_queries else {}  # attention.py: several positions
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask, position_ids=pos.to(self.device),
                          past_key_values=self.cache, use_cache=True, **extra)

@@ -212,7 +212,7 @@ class BatchScheduler(PrefillStage):
         draft's; the first disagreement is the model's own token, so the output is unchanged."""
         fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
         started = time.perf_counter()
-        logits = self.runner.verify(fed, [s.position for s in rows])
+        logits = self.runner.verify(fed, [s.position for s in rows], compiled=self.lora is None or self.lora.mask is None)
         width = logits.shape[1]
         self.step_cost.observe(len(rows) * width, time.perf_counter() - started)
         kept = [1] * len(rows)  # fed columns each row keeps in the cache: its last token + accepted drafts
