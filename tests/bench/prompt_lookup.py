@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "cpu": cpu, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "speculative_config": json.loads(args.speculative_config), "c1_prompts": args.c1_prompts,
               "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-              "runs": runs}
+              "server_args": args.server_arg, "runs": runs}
     write_result(result, args.out, plot)
     return 0
 
