@@ -22,6 +22,7 @@ import torch
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.torch.compiled_decode import CompiledDecode
 from server.engines.torch.engine import TorchEngine
+from server.engines.torch.frame_headroom import run_with_headroom
 from server.engines.torch.runner import ModelRunner
 from tests.bench.machine import describe, summary
 from tests.bench.output import pyplot, save_figure, write_result
@@ -112,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     for rows in [int(r) for r in args.rows.split(",")]:
         eager_ms, compiled_ms, same = [], [], True
         for _ in range(args.reps):
-            ms, want = run(engine.model, compiled, rows, args.steps, use_compiled=False)
+            ms, want = run_with_headroom(lambda: run(engine.model, compiled, rows, args.steps, use_compiled=False))
             eager_ms.append(ms)
-            ms, got = run(engine.model, compiled, rows, args.steps, use_compiled=True)
+            ms, got = run_with_headroom(lambda: run(engine.model, compiled, rows, args.steps, use_compiled=True))
             compiled_ms.append(ms)
             same = same and got == want
             first_difference = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
