@@ -139,3 +139,35 @@ def test_draft_checks_compiled_keep_the_eager_engines_tokens(tmp_path):
     spec = engine._scheduler.spec
     assert spec.drafts > 5 and spec.accepted > 10 and compiled.draft_steps > 3  # through the graph
     assert got == want
+
+
+def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir):
+    """The w-position graph against the eager draft check on the random tiny model (fp32): rows of unequal
+    drafts (right-padded), each settle keeping a different number of columns per row, then more checks
+    and a plain step over the caches both paths left: logits at every fed position agree."""
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
+    compiled = CompiledDecode(engine.model, drafts=True)
+    compiled.warm_up(ModelRunner(engine.model, engine.device, 0))
+    gen = torch.Generator().manual_seed(3)
+    for n_rows in (1, 3):
+        prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (20, 7, 13)[:n_rows]]
+        runners = [ModelRunner(engine.model, engine.device, 0) for _ in range(2)]
+        with torch.inference_mode():
+            for runner in runners:
+                runner.compiled = compiled
+                runner.join(runner.prefill(prompts)[1])
+            positions = [len(p) for p in prompts]
+            for step, width in enumerate((2, 5, 3, 4)):
+                fed = [torch.randint(3, 300, (max(1, width - i),), generator=gen).tolist() for i in range(n_rows)]
+                kept = [1 + (step + i) % len(f) for i, f in enumerate(fed)]
+                eager, graph = (r.verify(fed, positions, compiled=use) for r, use in zip(runners, (False, True)))
+                for i, f in enumerate(fed):
+                    torch.testing.assert_close(graph[i, :len(f)], eager[i, :len(f)], rtol=1e-4, atol=1e-4)
+                for runner in runners:
+                    runner.settle(kept, len(fed[0]))
+                positions = [p + k for p, k in zip(positions, kept)]
+            last = torch.randint(3, 300, (n_rows,), generator=gen).tolist()
+            eager, graph = (r.decode(last, positions, compiled=use) for r, use in zip(runners, (False, True)))
+            torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
+    assert compiled.draft_steps == 8 and compiled.draft_failures == 0 and compiled.failures == 0, compiled.last_error
+    compiled.close()

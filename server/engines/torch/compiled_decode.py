@@ -51,12 +51,17 @@ class CompiledDecode:
                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.steps = 0  # steps it ran, draft checks included (tests and the log read them)
         self.draft_steps = 0
-        self.failures = 0
+        self.failures = 0  # failed decode steps
+        self.draft_failures = 0  # failed draft checks: they turn off only the compiled draft checks
         self.last_error = ""
 
     @property
     def usable(self) -> bool:
         return self.failures < _MAX_FAILURES
+
+    @property
+    def drafts_usable(self) -> bool:
+        return self.drafts and self.draft_failures < _MAX_FAILURES and self.usable
 
     def warm_up(self, runner) -> float:
         """Compile every graph on scratch rows of `runner` (a ModelRunner of its own). Returns seconds."""
@@ -66,16 +71,26 @@ class CompiledDecode:
         return time.perf_counter() - started
 
     def _warm(self, runner) -> None:
-        for width in _WARM_WIDTHS if self.drafts else _WARM_WIDTHS[:1]:
-            for rows in _WARM_ROWS:
-                log.info("compiling the %s for %s row(s)", "decode step" if width == 1 else "draft check",
-                         rows if rows == 1 else f"{rows}+")
-                runner.join(runner.prefill([[runner.pad_id] * 4] * rows)[1])
-                for step in range(2):  # a second step: the length moves (and the width: dynamic, no new graph)
-                    w = width + step if width > 1 else 1
-                    self._call(runner, [[runner.pad_id] * w] * rows, [[4 + step * 3 + j for j in range(w)]] * rows,
-                               strict=False)
+        self._warm_width(runner, 1)
+        if self.drafts:
+            try:
+                self._warm_width(runner, _WARM_WIDTHS[1])
+            except Exception as exc:  # the decode graphs stand; draft checks stay eager
+                self.drafts = False
                 runner.clear()
+                log.warning("draft checks stay eager, their graph did not compile: %s: %s", type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")
+
+    def _warm_width(self, runner, width: int) -> None:
+        for rows in _WARM_ROWS:
+            log.info("compiling the %s for %s row(s)", "decode step" if width == 1 else "draft check",
+                     rows if rows == 1 else f"{rows}+")
+            runner.join(runner.prefill([[runner.pad_id] * 4] * rows)[1])
+            for step in range(2):  # a second step: the length moves (and the width: dynamic, no new graph)
+                w = width + step if width > 1 else 1
+                self._call(runner, [[runner.pad_id] * w] * rows, [[4 + step * 3 + j for j in range(w)]] * rows,
+                           strict=False)
+            runner.clear()
 
     def step(self, runner, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """Logits [rows, width, vocab] of one step over runner's cache and mask (the new columns already
@@ -87,10 +102,15 @@ class CompiledDecode:
             self.draft_steps += ids.shape[1] > 1
             return logits
         except Exception as exc:  # a guard that needs a new graph, or a failing graph: eager this step
-            self.failures += 1
+            draft = ids.shape[1] > 1
+            if draft:
+                self.draft_failures += 1
+            else:
+                self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("compiled decode step failed (%d of %d before staying eager): %s", self.failures,
-                        _MAX_FAILURES, self.last_error.splitlines()[0])
+            log.warning("compiled %s failed (%d of %d before staying eager): %s", "draft check" if draft else
+                        "decode step", self.draft_failures if draft else self.failures, _MAX_FAILURES,
+                        self.last_error.splitlines()[0])
             return None
 
     def _call(self, runner, ids, positions, strict: bool) -> torch.Tensor:

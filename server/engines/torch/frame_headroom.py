@@ -13,14 +13,15 @@ pairs in 400 steps (strace), and a step took 13 ms against 9.9 ms on the main th
 frames happened to land elsewhere (2-core AMD EPYC, bf16, one row).
 
 `run_with_headroom(fn)` calls fn from a frame too large for any chunk a thread starts with, so CPython
-mmaps one 128 KiB chunk for it, once, and everything fn calls runs in the ~60 KiB left above it.
+mmaps one 256 KiB chunk for it, once, and everything fn calls runs in the ~125 KiB left above it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-_SLOTS = 8200  # ~64 KiB of locals: CPython gives the frame a fresh 128 KiB chunk, ~60 KiB spare above it
+_SLOTS = 16400  # ~128 KiB of locals: CPython gives the frame a fresh 256 KiB chunk, ~125 KiB spare above it
+# (a 30-layer graph's frames take ~17 KiB; a deeper model's generated `call` grows with its layers)
 
 
 def _frame_holder(slots: int):

@@ -104,7 +104,7 @@ class ModelRunner:
             fed[i, :len(r)] = 1
             pos[i] = torch.arange(p, p + width).clamp(max=p + len(r) - 1)  # padding never past the context
         self.mask = torch.cat([self.mask, fed.to(self.device)], dim=1)
-        if compiled and self.compiled is not None and self.compiled.drafts and self.compiled.usable:
+        if compiled and self.compiled is not None and self.compiled.drafts_usable:
             logits = self.compiled.step(self, ids.to(self.device), pos.to(self.device))
             if logits is not None:
                 return logits
