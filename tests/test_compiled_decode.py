@@ -14,11 +14,19 @@ import torch
 from adapter_factory import make_adapter
 from adapters.loader import load_lora
 from engine_run import FreeTokens, greedy_tokens, mean_kl
-from server.engines.torch.compiled_decode import CompiledDecode
+from server.engines.torch.compiled_decode import CompiledDecode, why_not
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.runner import ModelRunner
 
 ITEMS = [(p, None) for p in ("Hello, world!", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "The quick brown fox", "a")]
+
+
+def _compilable(engine: TorchEngine) -> TorchEngine:
+    """The engine, or a skip with the reason this machine refuses to compile its step (why_not)."""
+    reason = why_not(engine.model, engine.device)
+    if reason:
+        pytest.skip(reason)
+    return engine
 
 
 def _run(engine: TorchEngine, items=ITEMS, max_tokens: int = 20) -> list[list[int]]:
@@ -31,8 +39,8 @@ def _run(engine: TorchEngine, items=ITEMS, max_tokens: int = 20) -> list[list[in
 
 
 def test_greedy_tokens_equal_the_eager_engine_fp32(tiny_model_dir):
+    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True))
     eager = _run(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"))
-    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True)
     compiled = _run(engine)
     assert engine.decode_step == "compiled"
     runner = engine._scheduler.runner
@@ -44,6 +52,7 @@ def _forced_logits(engine: TorchEngine, compiled: bool, steps: int = 12) -> torc
     """Logits of `steps` decode steps over three left-padded rows fed the same fixed tokens, in fp32."""
     runner = ModelRunner(engine.model, engine.device, 0)
     if compiled:
+        _compilable(engine)
         runner.compiled = CompiledDecode(engine.model)
         runner.compiled.warm_up(ModelRunner(engine.model, engine.device, 0))
     gen = torch.Generator().manual_seed(1)
@@ -72,6 +81,7 @@ def test_bf16_logits_are_as_precise_as_the_eager_step(tiny_model_dir):
 
 
 def test_adapter_rows_decode_eagerly(tiny_model_dir, tmp_path):
+    _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"))
     folder = make_adapter(tiny_model_dir, tmp_path / "a", seed=1, rank=4)
     items = [("Hello, world!", "a"), ("The quick brown fox", None)]
 
@@ -103,8 +113,8 @@ def test_a_model_it_does_not_cover_stays_eager_with_the_reason(tiny_model_dir):
 def test_a_failing_graph_falls_back_to_eager_steps(tiny_model_dir):
     """Its layers released under it (as after a close): each step fails, runs eagerly, and after three
     failures the engine stops trying; the output is unchanged."""
+    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True))
     eager = _run(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"), ITEMS[:2], max_tokens=8)
-    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True)
     asyncio.run(engine.start())
     try:
         compiled = engine._scheduler.runner.compiled
@@ -123,7 +133,7 @@ def test_draft_checks_compiled_keep_the_eager_engines_tokens(tmp_path):
 
     path = _model(tmp_path / "model", 0.0)  # a bigram model: drafts get accepted
     plain = TorchEngine.load("tiny", path, dtype="float32")
-    engine = TorchEngine.load("tiny", path, dtype="float32", lookup=LOOKUP, compile_decode=True)
+    engine = _compilable(TorchEngine.load("tiny", path, dtype="float32", lookup=LOOKUP, compile_decode=True))
     engine._scheduler.step_cost = FreeTokens()  # check every draft
     for e in (plain, engine):
         asyncio.run(e.start())
@@ -145,7 +155,7 @@ def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir):
     """The w-position graph against the eager draft check on the random tiny model (fp32): rows of unequal
     drafts (right-padded), each settle keeping a different number of columns per row, then more checks
     and a plain step over the caches both paths left: logits at every fed position agree."""
-    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
+    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"))
     compiled = CompiledDecode(engine.model, drafts=True)
     compiled.warm_up(ModelRunner(engine.model, engine.device, 0))
     gen = torch.Generator().manual_seed(3)
@@ -171,3 +181,32 @@ def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir):
             torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
     assert compiled.draft_steps == 8 and compiled.draft_failures == 0 and compiled.failures == 0, compiled.last_error
     compiled.close()
+
+
+REFUSAL = """
+import sys, torch
+from server.engines.torch.compiled_decode import why_not
+from server.engines.torch.engine import TorchEngine
+from server.engines.torch.onednn_linear import OneDNNLinear
+engine = TorchEngine.load("tiny", sys.argv[1], dtype="float32", prepack_weights=False)
+layer = engine.model.model.layers[0].mlp
+layer.down_proj = OneDNNLinear.from_linear(getattr(layer.down_proj, "base", layer.down_proj))
+print(torch.backends.cpu.get_cpu_capability(), why_not(engine.model, engine.device), sep="|")
+"""
+
+
+def test_refused_over_prepacked_linears_where_aten_runs_avx2_kernels(tiny_model_dir):
+    """Compiled over oneDNN-prepacked linears with ATen on its AVX2 kernels, the step corrupted the heap:
+    refused there with the reason (ATen told to dispatch AVX2, in a subprocess); eager decoding goes on."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", REFUSAL, str(tiny_model_dir)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    capability, reason = out.stdout.strip().splitlines()[-1].split("|")
+    if capability != "AVX2":
+        pytest.skip(f"ATen did not take ATEN_CPU_CAPABILITY=avx2 here ({capability})")
+    assert reason.startswith("oneDNN-prepacked linears where ATen runs AVX2 kernels")

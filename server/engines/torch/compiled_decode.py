@@ -24,6 +24,7 @@ import time
 import torch
 
 from server.engines.torch.decode_graph import DecodeGraph, unsupported
+from server.engines.torch.onednn_linear import OneDNNLinear
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,15 @@ def why_not(model: torch.nn.Module, device: torch.device) -> str | None:
     """Why the decode step of this model on this device is not compiled, or None."""
     if device.type != "cpu":
         return "compiled decode is built for CPUs (no CUDA graphs yet)"
-    return unsupported(model)
+    reason = unsupported(model)
+    if reason is None and torch.backends.cpu.get_cpu_capability() != "AVX512" and any(
+            isinstance(m, OneDNNLinear) for m in model.modules()):
+        # found on an AVX-512 machine told to dispatch ATen's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2): the
+        # compiled step over oneDNN-prepacked linears aborted with "corrupted size vs. prev_size" within a
+        # few steps, the same model without prepacking or eager with it did not; not isolated yet
+        reason = (f"oneDNN-prepacked linears where ATen runs {torch.backends.cpu.get_cpu_capability()} kernels: "
+                  "the compiled step corrupted memory there (prepack_weights: false allows compiling)")
+    return reason
 
 
 class CompiledDecode:
