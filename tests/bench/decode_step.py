@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.default_model import DEFAULT_MODEL_ID
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.onednn_linear import OneDNNLinear
+from tests.bench.models import local_model
 from tests.bench.machine import describe, summary
 from tests.bench.output import write_result
 
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=FIGURES / "decode_step_smollm2.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = str(default_model_dir(Path.home() / ".cache" / "slimserve")) if args.model == DEFAULT_MODEL_ID \
-        else args.model
+    path = local_model(args.model)
     cpu = describe()
     print(f"CPU: {summary(cpu)}; {args.threads} thread(s), {args.dtype}")
     result = {"model": path, "cpu": cpu, "torch": torch.__version__, "dtype": args.dtype, "threads": args.threads,

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.default_model import DEFAULT_MODEL_ID
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch.engine import TorchEngine
+from tests.bench.models import local_model
 from tests.bench.machine import describe, summary
 from tests.bench.output import write_result
 
@@ -141,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path, default=FIGURES / "int_kernels_smollm2.json")
     args = ap.parse_args(argv)
-    path = str(default_model_dir(Path.home() / ".cache" / "slimserve")) if args.model == DEFAULT_MODEL_ID \
-        else args.model
+    path = local_model(args.model)
     variants = args.variants.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     cpu = describe()

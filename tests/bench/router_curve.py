@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from compress.router_calibration import (CalibrationConfig, answer, calibrate, curve, prompts_of, rouge_l, sweep,
                                          teacher_answers, write_answers)
-from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.default_model import DEFAULT_MODEL_ID
 from compress.router_features import featurizer
 from compress.router_model import LearnedRouter
+from tests.bench.models import local_model
 from tests.bench.machine import describe, summary
 from tests.bench.output import pyplot, save_figure
 
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-cost", type=float, help="seconds per output token (default: manifest, else measured)")
     ap.add_argument("--out", type=Path, default=FIGURES / "router_smollm2.json")
     args = ap.parse_args(argv)
-    teacher = str(default_model_dir(Path.home() / ".cache" / "slimserve")) if args.teacher == DEFAULT_MODEL_ID \
-        else args.teacher
+    teacher = local_model(args.teacher)
     args.work.mkdir(parents=True, exist_ok=True)
 
     train_file = args.work / "train.jsonl"

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compress.router_calibration import prompts_of
-from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.default_model import DEFAULT_MODEL_ID
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch.engine import TorchEngine
 from tests.bench.output import write_result
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", type=Path, default=FIGURES / "speculative_smollm2.json")
     args = ap.parse_args(argv)
-    teacher = str(default_model_dir(Path.home() / ".cache" / "slimserve")) if args.teacher == DEFAULT_MODEL_ID \
-        else args.teacher
+    teacher = local_model(args.teacher)
     prompts = prompts_of(args.prompts)[: args.num_prompts]
     ks = [int(k) for k in args.speculative_tokens.split(",")]
     plain = TorchEngine.load("teacher", teacher, dtype=args.dtype)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from server.default_model import DEFAULT_MODEL_ID, default_model_dir
+from server.default_model import DEFAULT_MODEL_ID
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.openmp import release_idle_team
 from tests.bench.compiled_step import run
+from tests.bench.models import local_model
 from tests.bench.machine import describe, summary
 from tests.bench.output import pyplot, save_figure, write_result
 
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", type=Path, default=FIGURES / "thread_step_smollm2.json")
     args = ap.parse_args(argv)
-    path = str(default_model_dir(Path.home() / ".cache" / "slimserve")) if args.model == DEFAULT_MODEL_ID \
-        else args.model
+    path = local_model(args.model)
     cpu = describe()
     print(f"CPU: {summary(cpu)}; {torch.get_num_threads()} thread(s), {args.dtype}", flush=True)
     engine = TorchEngine.load("bench", path, dtype=args.dtype, compile_decode=not args.no_compile)
