@@ -183,30 +183,41 @@ def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir):
     compiled.close()
 
 
-REFUSAL = """
-import sys, torch
-from server.engines.torch.compiled_decode import why_not
+
+ISA_RUN = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from engine_run import greedy_tokens
 from server.engines.torch.engine import TorchEngine
-from server.engines.torch.onednn_linear import OneDNNLinear
-engine = TorchEngine.load("tiny", sys.argv[1], dtype="float32", prepack_weights=False)
-layer = engine.model.model.layers[0].mlp
-layer.down_proj = OneDNNLinear.from_linear(getattr(layer.down_proj, "base", layer.down_proj))
-print(torch.backends.cpu.get_cpu_capability(), why_not(engine.model, engine.device), sep="|")
+engine = TorchEngine.load("tiny", sys.argv[1], dtype="float32", compile_decode=True)
+asyncio.run(engine.start())
+items = [(p, None) for p in sys.argv[3:]]
+print(engine.decode_step, greedy_tokens(engine, items, max_tokens=20), sep="|")
+asyncio.run(engine.shutdown())
 """
 
 
-def test_refused_over_prepacked_linears_where_aten_runs_avx2_kernels(tiny_model_dir):
-    """Compiled over oneDNN-prepacked linears with ATen on its AVX2 kernels, the step corrupted the heap:
-    refused there with the reason (ATen told to dispatch AVX2, in a subprocess); eager decoding goes on."""
+def test_kernels_cached_for_one_vector_isa_are_not_reused_for_another(tiny_model_dir):
+    """This process compiles the tiny model's step into the cache; a process told to run ATen's AVX2
+    kernels, given the same cache folder, compiles its own (a folder per ISA, use_isa_cache_dir) and
+    decodes as the eager engine does. With one folder it reused the AVX-512 kernels' source under
+    8-lane vectors and aborted on a corrupted heap."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", REFUSAL, str(tiny_model_dir)], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    capability, reason = out.stdout.strip().splitlines()[-1].split("|")
-    if capability != "AVX2":
-        pytest.skip(f"ATen did not take ATEN_CPU_CAPABILITY=avx2 here ({capability})")
-    assert reason.startswith("oneDNN-prepacked linears where ATen runs AVX2 kernels")
+    from server.engines.torch.compiled_decode import use_isa_cache_dir
+
+    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True))
+    eager = _run(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"), ITEMS, max_tokens=20)[:len(ITEMS)]
+    assert _run(engine, ITEMS, max_tokens=20)[:len(ITEMS)] == eager  # compiled here: the cache holds its kernels
+    folder = use_isa_cache_dir()
+    base = os.path.dirname(folder) if os.path.basename(folder).startswith("isa-") else folder
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": base}
+    out = subprocess.run([sys.executable, "-c", ISA_RUN, str(tiny_model_dir), str(Path(__file__).parent),
+                          *[p for p, _ in ITEMS]], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    decode_step, tokens = out.stdout.strip().splitlines()[-1].split("|")
+    assert decode_step == "compiled"
+    assert tokens == str(eager)

@@ -18,13 +18,14 @@ eager's tokens for 4 rows x 48 steps.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 
 import torch
 
 from server.engines.torch.decode_graph import DecodeGraph, unsupported
-from server.engines.torch.onednn_linear import OneDNNLinear
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,7 @@ def why_not(model: torch.nn.Module, device: torch.device) -> str | None:
     """Why the decode step of this model on this device is not compiled, or None."""
     if device.type != "cpu":
         return "compiled decode is built for CPUs (no CUDA graphs yet)"
-    reason = unsupported(model)
-    if reason is None and torch.backends.cpu.get_cpu_capability() != "AVX512" and any(
-            isinstance(m, OneDNNLinear) for m in model.modules()):
-        # found on an AVX-512 machine told to dispatch ATen's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2): the
-        # compiled step over oneDNN-prepacked linears aborted with "corrupted size vs. prev_size" within a
-        # few steps, the same model without prepacking or eager with it did not; not isolated yet
-        reason = (f"oneDNN-prepacked linears where ATen runs {torch.backends.cpu.get_cpu_capability()} kernels: "
-                  "the compiled step corrupted memory there (prepack_weights: false allows compiling)")
-    return reason
+    return unsupported(model)
 
 
 class CompiledDecode:
@@ -75,6 +68,7 @@ class CompiledDecode:
     def warm_up(self, runner) -> float:
         """Compile every graph on scratch rows of `runner` (a ModelRunner of its own). Returns seconds."""
         started = time.perf_counter()
+        use_isa_cache_dir()
         with torch.inference_mode():  # the engine decodes in inference mode: its tensors' dispatch keys are guarded
             self._warm(runner)
         return time.perf_counter() - started
@@ -142,6 +136,25 @@ class CompiledDecode:
 
     def close(self) -> None:
         self.graph.release()
+
+
+def use_isa_cache_dir() -> str:
+    """Point inductor's cache at a folder of its own for the vector ISA this process compiles for, and
+    return it. inductor's graph cache does not key its C++ kernels' source on that ISA: source written
+    for AVX-512 (16 lanes a loop step), reused in a process compiling for AVX2 (ATEN_CPU_CAPABILITY=avx2,
+    8-lane vectors), overflowed a kernel's scratch buffer ("free(): invalid pointer" under glibc's
+    malloc check). Machines of different CPUs sharing one cache folder (a volume) would meet the same."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    isa = pick_vec_isa()
+    described = f"{isa} {' '.join(isa.build_arch_flags().split()) if isa else ''}"
+    key = "isa-" + (str(isa).split()[0] if isa else "none") + "-" + hashlib.sha1(described.encode()).hexdigest()[:8]
+    folder = cache_dir()
+    if os.path.basename(folder) != key:
+        folder = os.path.join(folder, key)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
 
 
 def _mark_dynamic(ids, positions, mask, keys, values, column) -> None:
