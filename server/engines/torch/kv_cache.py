@@ -62,6 +62,12 @@ class SlotLayer(DynamicLayer):
         self.length += columns
         self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take these buffers ([batch, heads, capacity >= length, dim]) as the layer's, `length` columns used."""
+        self._k, self._v, self.length = keys, values, length
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
     def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 0) -> None:
         """Replace the contents with `keys`/`values` (already aligned), keeping `spare` free columns."""
         self._k = self._v = None
@@ -138,25 +144,32 @@ class BatchCache(Cache):
 
 
 def merge(a: BatchCache | None, a_mask: torch.Tensor | None, b: BatchCache, b_mask: torch.Tensor):
-    """Stack the rows of `b` under those of `a`, left-padding the shorter one. Returns (cache, mask)."""
+    """Stack the rows of `b` under those of `a`, left-padding the shorter one. Returns (cache, mask).
+    Each layer's rows are copied once, straight into the new buffers (a c=16 profile spent ~15% of the
+    engine thread here when it concatenated and then copied again into buffers it had zeroed)."""
     if a is None or a_mask is None or a_mask.shape[0] == 0:
         return b, b_mask
     length = max(a.length, b.length)
+    spare = max(64, length // 2)
     merged = BatchCache(len(a.layers))
     for out, la, lb in zip(merged.layers, a.layers, b.layers):
-        keys = torch.cat([_left_pad(la.keys, length), _left_pad(lb.keys, length)], dim=0)
-        values = torch.cat([_left_pad(la.values, length), _left_pad(lb.values, length)], dim=0)
-        out.set(keys, values, spare=max(64, length // 2))
+        out.adopt(_stacked(la.keys, lb.keys, length, spare), _stacked(la.values, lb.values, length, spare), length)
     mask = torch.cat([_left_pad_mask(a_mask, length), _left_pad_mask(b_mask, length)], dim=0)
     return merged, mask
 
 
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - t.shape[-2]
-    if missing == 0:
-        return t
-    pad = t.new_zeros((*t.shape[:-2], missing, t.shape[-1]))
-    return torch.cat([pad, t], dim=-2)
+def _stacked(top: torch.Tensor, bottom: torch.Tensor, length: int, spare: int) -> torch.Tensor:
+    """top's rows over bottom's in one new buffer [rows, heads, length + spare, dim], each right-aligned at
+    `length`, zeros to its left (padding must stay finite: attention gives it a zero weight, and 0 x NaN
+    would not be 0); the spare columns are written before they are read."""
+    out = top.new_empty((top.shape[0] + bottom.shape[0], top.shape[1], length + spare, top.shape[-1]))
+    row = 0
+    for part in (top, bottom):
+        rows, pad = part.shape[0], length - part.shape[-2]
+        out[row:row + rows, :, :pad].zero_()
+        out[row:row + rows, :, pad:length] = part
+        row += rows
+    return out
 
 
 def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
