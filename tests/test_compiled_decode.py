@@ -14,19 +14,11 @@ import torch
 from adapter_factory import make_adapter
 from adapters.loader import load_lora
 from engine_run import FreeTokens, greedy_tokens, mean_kl
-from server.engines.torch.compiled_decode import CompiledDecode, why_not
+from server.engines.torch.compiled_decode import CompiledDecode
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.runner import ModelRunner
 
 ITEMS = [(p, None) for p in ("Hello, world!", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "The quick brown fox", "a")]
-
-
-def _compilable(engine: TorchEngine) -> TorchEngine:
-    """The engine, or a skip with the reason this machine refuses to compile its step (why_not)."""
-    reason = why_not(engine.model, engine.device)
-    if reason:
-        pytest.skip(reason)
-    return engine
 
 
 def _run(engine: TorchEngine, items=ITEMS, max_tokens: int = 20) -> list[list[int]]:
@@ -39,8 +31,8 @@ def _run(engine: TorchEngine, items=ITEMS, max_tokens: int = 20) -> list[list[in
 
 
 def test_greedy_tokens_equal_the_eager_engine_fp32(tiny_model_dir):
-    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True))
     eager = _run(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"))
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True)
     compiled = _run(engine)
     assert engine.decode_step == "compiled"
     runner = engine._scheduler.runner
@@ -52,7 +44,6 @@ def _forced_logits(engine: TorchEngine, compiled: bool, steps: int = 12) -> torc
     """Logits of `steps` decode steps over three left-padded rows fed the same fixed tokens, in fp32."""
     runner = ModelRunner(engine.model, engine.device, 0)
     if compiled:
-        _compilable(engine)
         runner.compiled = CompiledDecode(engine.model)
         runner.compiled.warm_up(ModelRunner(engine.model, engine.device, 0))
     gen = torch.Generator().manual_seed(1)
@@ -81,7 +72,6 @@ def test_bf16_logits_are_as_precise_as_the_eager_step(tiny_model_dir):
 
 
 def test_adapter_rows_decode_eagerly(tiny_model_dir, tmp_path):
-    _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"))
     folder = make_adapter(tiny_model_dir, tmp_path / "a", seed=1, rank=4)
     items = [("Hello, world!", "a"), ("The quick brown fox", None)]
 
@@ -113,8 +103,8 @@ def test_a_model_it_does_not_cover_stays_eager_with_the_reason(tiny_model_dir):
 def test_a_failing_graph_falls_back_to_eager_steps(tiny_model_dir):
     """Its layers released under it (as after a close): each step fails, runs eagerly, and after three
     failures the engine stops trying; the output is unchanged."""
-    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True))
     eager = _run(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"), ITEMS[:2], max_tokens=8)
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True)
     asyncio.run(engine.start())
     try:
         compiled = engine._scheduler.runner.compiled
@@ -133,7 +123,7 @@ def test_draft_checks_compiled_keep_the_eager_engines_tokens(tmp_path):
 
     path = _model(tmp_path / "model", 0.0)  # a bigram model: drafts get accepted
     plain = TorchEngine.load("tiny", path, dtype="float32")
-    engine = _compilable(TorchEngine.load("tiny", path, dtype="float32", lookup=LOOKUP, compile_decode=True))
+    engine = TorchEngine.load("tiny", path, dtype="float32", lookup=LOOKUP, compile_decode=True)
     engine._scheduler.step_cost = FreeTokens()  # check every draft
     for e in (plain, engine):
         asyncio.run(e.start())
@@ -155,7 +145,7 @@ def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir):
     """The w-position graph against the eager draft check on the random tiny model (fp32): rows of unequal
     drafts (right-padded), each settle keeping a different number of columns per row, then more checks
     and a plain step over the caches both paths left: logits at every fed position agree."""
-    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"))
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
     compiled = CompiledDecode(engine.model, drafts=True)
     compiled.warm_up(ModelRunner(engine.model, engine.device, 0))
     gen = torch.Generator().manual_seed(3)
@@ -209,7 +199,7 @@ def test_kernels_cached_for_one_vector_isa_are_not_reused_for_another(tiny_model
 
     from server.engines.torch.compiled_decode import use_isa_cache_dir
 
-    engine = _compilable(TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True))
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", compile_decode=True)
     eager = _run(TorchEngine.load("tiny", tiny_model_dir, dtype="float32"), ITEMS, max_tokens=20)[:len(ITEMS)]
     assert _run(engine, ITEMS, max_tokens=20)[:len(ITEMS)] == eager  # compiled here: the cache holds its kernels
     folder = use_isa_cache_dir()

@@ -31,15 +31,22 @@ from tests.bench.output import pyplot, save_figure, write_result
 FIGURES = Path(__file__).parent / "figures"
 
 
-def run(model, compiled: CompiledDecode, rows: int, steps: int, use_compiled: bool) -> tuple[float, list]:
-    """Median ms of `steps` greedy decode steps over `rows` fresh rows, and the tokens chosen."""
+def prefilled(model, compiled: CompiledDecode | None, rows: int, prompt_len: int):
+    """A runner holding `rows` synthetic prompts of prompt_len + 3 * row tokens (call it in inference
+    mode): the runner, the prefill's logits and each row's next position."""
     runner = ModelRunner(model, torch.device("cpu"), 0)
     runner.compiled = compiled
-    prompts = [[1 + (7 * r + i) % 997 for i in range(40 + 3 * r)] for r in range(rows)]
+    prompts = [[1 + (7 * r + i) % 997 for i in range(prompt_len + 3 * r)] for r in range(rows)]
+    logits, new_rows = runner.prefill(prompts)
+    runner.join(new_rows)
+    return runner, logits, [len(p) for p in prompts]
+
+
+def run(model, compiled: CompiledDecode, rows: int, steps: int, use_compiled: bool) -> tuple[float, list]:
+    """Median ms of `steps` greedy decode steps over `rows` fresh rows, and the tokens chosen."""
     with torch.inference_mode():
-        logits, new_rows = runner.prefill(prompts)
-        runner.join(new_rows)
-        tokens, positions = logits[:, -1].argmax(-1).tolist(), [len(p) for p in prompts]
+        runner, logits, positions = prefilled(model, compiled, rows, 40)
+        tokens = logits[:, -1].argmax(-1).tolist()
         times, chosen = [], []
         for _ in range(steps):
             t0 = time.perf_counter()

@@ -27,6 +27,7 @@ from server.engines.torch.compiled_decode import CompiledDecode
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.frame_headroom import run_with_headroom
 from server.engines.torch.runner import ModelRunner
+from tests.bench.compiled_step import prefilled
 from tests.bench.models import local_model
 from tests.bench.machine import describe, summary
 from tests.bench.output import write_result
@@ -35,13 +36,9 @@ FIGURES = Path(__file__).parent / "figures"
 
 
 def step_ms(model, compiled: CompiledDecode, rows: int, widths: list[int], use_compiled: bool) -> dict[int, float]:
-    runner = ModelRunner(model, torch.device("cpu"), 0)
-    runner.compiled = compiled
-    prompts = [[1 + (7 * r + i) % 997 for i in range(150 + 3 * r)] for r in range(rows)]
     out = {}
     with torch.inference_mode():
-        runner.join(runner.prefill(prompts)[1])
-        positions = [len(p) for p in prompts]
+        runner, _, positions = prefilled(model, compiled, rows, 150)
         for w in widths:
             times = []
             for i in range(8):  # the first untimed

@@ -99,13 +99,13 @@ class CompiledDecode:
         """Logits [rows, width, vocab] of one step over runner's cache and mask (the new columns already
         in the mask; width 1: a decode step, more: a draft check, only when compiled with `drafts`), or
         None when the compiled step cannot run it (the caller runs it eagerly)."""
+        draft = ids.shape[1] > 1
         try:
             logits = self._call(runner, ids, positions, strict=True)
             self.steps += 1
-            self.draft_steps += ids.shape[1] > 1
+            self.draft_steps += draft
             return logits
         except Exception as exc:  # a guard that needs a new graph, or a failing graph: eager this step
-            draft = ids.shape[1] > 1
             if draft:
                 self.draft_failures += 1
             else:

@@ -193,10 +193,15 @@ class BatchScheduler(PrefillStage):
             return
         started = time.perf_counter()
         logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows],
-                                    compiled=self.lora is None or self.lora.mask is None)
+                                    compiled=self._base_rows_only)
         if self.lookup is not None:
             self.step_cost.observe(len(rows), time.perf_counter() - started)
         self._accept(rows, self._pick(logits.float(), rows))
+
+    @property
+    def _base_rows_only(self) -> bool:
+        """No running row has an adapter: the compiled step (which models the base model only) may run."""
+        return self.lora is None or self.lora.mask is None
 
     @staticmethod
     def _propose(seq: Sequence) -> list[int]:
@@ -212,7 +217,7 @@ class BatchScheduler(PrefillStage):
         draft's; the first disagreement is the model's own token, so the output is unchanged."""
         fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
         started = time.perf_counter()
-        logits = self.runner.verify(fed, [s.position for s in rows], compiled=self.lora is None or self.lora.mask is None)
+        logits = self.runner.verify(fed, [s.position for s in rows], compiled=self._base_rows_only)
         width = logits.shape[1]
         self.step_cost.observe(len(rows) * width, time.perf_counter() - started)
         kept = [1] * len(rows)  # fed columns each row keeps in the cache: its last token + accepted drafts
