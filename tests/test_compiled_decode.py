@@ -71,6 +71,19 @@ def test_bf16_logits_are_as_precise_as_the_eager_step(tiny_model_dir):
     assert (compiled - eager).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_load_time_int8_int4_compile_with_q_k_v_and_gate_up_as_one_call(tiny_model_dir, method):
+    """The quantized layers run their own kernels inside the graph (linear_op), a fused group as one call."""
+    from server.engines.torch.decode_graph import DecodeGraph
+
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", quantization=method)
+    graph = DecodeGraph(engine.model)
+    assert len(graph.slots) == 4 * engine.model.config.num_hidden_layers + 1  # qkv, o, gate_up, down; the head
+    graph.release()
+    eager, compiled = _forced_logits(engine, compiled=False), _forced_logits(engine, compiled=True)
+    assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
+
+
 def test_adapter_rows_decode_eagerly(tiny_model_dir, tmp_path):
     folder = make_adapter(tiny_model_dir, tmp_path / "a", seed=1, rank=4)
     items = [("Hello, world!", "a"), ("The quick brown fox", None)]

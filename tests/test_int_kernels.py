@@ -1,13 +1,16 @@
 """torch's packed CPU kernels for load-time int8/int4 (server/engines/torch/int8_linear.py,
 int4_linear.py, quantize_linears.py): each layer's output equals the matmul by its dequantized
-weight, in both activation dtypes; the swap reaches every linear (the head too) and LoRA still
-wraps the decoder's."""
+weight, in both activation dtypes; the swap reaches every linear (the head too), q/k/v and gate/up
+joined into one quantized matmul each that equals its members quantized alone, and LoRA still wraps
+the decoder's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from server.engines.torch import fused_projections
+from server.engines.torch.fused_projections import SharedProjection
 from server.engines.torch.int4_linear import GROUP_SIZES, Int4Linear, dequantize_int4_groups, quantize_int4_groups
 from server.engines.torch.int8_linear import Int8Linear, quantize_int8_per_channel
 from server.engines.torch.quantize_linears import kernel_dtype, quantize_linears
@@ -100,6 +103,7 @@ def test_swap_reaches_every_linear_and_lora_wraps_them(tiny_model_dir, method):
         after = model(ids).logits
     kind = Int8Linear if method == "int8" else Int4Linear
     assert summary["quantized"] == n_linear and summary["kept"] == 0
+    assert summary["fused"] == 2 * model.config.num_hidden_layers and "fused" in summary["kernel"]
     assert summary["kernel"].startswith("aten._weight_int8pack_mm" if method == "int8" else "aten._weight_int4pack")
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert isinstance(model.get_output_embeddings(), Int8Linear)  # the head stays 8-bit under int4 too
@@ -109,5 +113,32 @@ def test_swap_reaches_every_linear_and_lora_wraps_them(tiny_model_dir, method):
     lora = LoRAManager(model, dtype=torch.float32)
     per_block = 7  # q k v o gate up down
     assert len(lora.layers) == per_block * model.config.num_hidden_layers
-    assert all(isinstance(w.base, kind) for w in lora.layers.values())
+    bases = [w.base._group[0].layer if isinstance(w.base, SharedProjection) else w.base for w in lora.layers.values()]
+    assert all(isinstance(b, kind) for b in bases)
+    assert sum(isinstance(w.base, SharedProjection) for w in lora.layers.values()) == 5 * model.config.num_hidden_layers
     assert lora.base_shapes()["model.layers.0.mlp.down_proj"] == (256, 128)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_groups_equal_their_members_quantized_alone(tiny_model_dir, method, dtype, monkeypatch):
+    """Each output row is quantized on its own (int8: a scale a row; int4: groups along a row), so joining
+    q/k/v and gate/up before quantizing changes no weight: the logits match the unfused model's."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.load_time import weight_bytes
+
+    ids = torch.tensor([[1, 5, 9, 30, 2, 7, 11]])
+    fused = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    alone = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        quantize_linears(fused, method, compute_dtype=dtype)
+        monkeypatch.setattr(fused_projections, "GROUPS", ())
+        assert quantize_linears(alone, method, compute_dtype=dtype)["fused"] == 0
+        q_fused = fused.model.layers[0].self_attn.q_proj
+        assert isinstance(q_fused, SharedProjection)
+        assert (q_fused._group[0].layer.dequantized()[:q_fused.out_features]
+                == alone.model.layers[0].self_attn.q_proj.dequantized()).all()
+        a, b = fused(ids).logits, alone(ids).logits
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max(), "another summation order at most"
+    assert abs(weight_bytes(fused) - weight_bytes(alone)) <= 64  # the group's bytes are counted, once

@@ -103,6 +103,7 @@ def test_mixed_adapter_batch_on_quantized_base(tiny_model_dir, tmp_path, method)
 def test_server_answers_with_an_adapter_on_torch_kernels(start_server, tiny_model_dir, tmp_path, method):
     import httpx
 
+    from server.engines.torch.fused_projections import SharedProjection
     from server.engines.torch.int4_linear import Int4Linear
     from server.engines.torch.int8_linear import Int8Linear
 
@@ -120,7 +121,9 @@ def test_server_answers_with_an_adapter_on_torch_kernels(start_server, tiny_mode
     assert card["quantization"] == method and card["dtype"] == "float32"
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", quantization=method)
     kind = Int8Linear if method == "int8" else Int4Linear
-    assert isinstance(engine.lora.layers["model.layers.0.self_attn.q_proj"].base, kind)
+    q_proj = engine.lora.layers["model.layers.0.self_attn.q_proj"].base  # q/k/v: one quantized matmul
+    assert isinstance(q_proj, SharedProjection) and isinstance(q_proj._group[0].layer, kind)
+    assert isinstance(engine.lora.layers["model.layers.0.self_attn.o_proj"].base, kind)
     assert card["quantization_kernel"] == engine.quantization_kernel  # same activation dtype, so same tokens
     asyncio.run(engine.start())
     try:

@@ -1,7 +1,9 @@
 """Decode speed of the PyTorch engine's linear kernels, at batch 1 and 8, in process: full precision on
 oneDNN-prepacked weights with q/k/v and gate/up fused (the default), prepacked but not fused
 (`-unfused`) and on plain nn.Linear (`-eager`), load-time int8/int4 on torch's
-packed kernels, and the older torchao / bitsandbytes path.
+packed kernels (fused the same way, or `-unfused`), and the older torchao / bitsandbytes path. A
+`-compiled` suffix runs the variant with `compile_decode` (compiled_decode.py), e.g. `int8-compiled`;
+its "x fp" ratio is then against the best compiled full-precision variant in the run.
 
     python -m tests.bench.int_kernels                 # SmolLM2-135M-Instruct, the embedded default
     python -m tests.bench.int_kernels --profile       # plus the top ops of a batch-1 decode per variant
@@ -38,20 +40,27 @@ FULL = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def load(variant: str, path: str) -> TorchEngine:
+    if variant.endswith("-compiled"):
+        return load_engine(variant, variant.removesuffix("-compiled"), path, compile_decode=True)
+    return load_engine(variant, variant, path)
+
+
+def load_engine(name: str, variant: str, path: str, **options) -> TorchEngine:
     if variant in FULL:  # linears on oneDNN-prepacked weights where that measured faster (engine default)
-        return TorchEngine.load(variant, path, dtype=FULL[variant])
-    if variant.endswith("-unfused"):  # prepacked, but q/k/v and gate/up as separate matmuls (fused_projections.py)
+        return TorchEngine.load(name, path, dtype=FULL[variant], **options)
+    if variant.endswith("-unfused"):  # q/k/v and gate/up as separate matmuls (fused_projections.py)
         from server.engines.torch import fused_projections
 
         groups, fused_projections.GROUPS = fused_projections.GROUPS, ()
         try:
-            return TorchEngine.load(variant, path, dtype=FULL[variant.removesuffix("-unfused")])
+            return load_engine(name, variant.removesuffix("-unfused"), path, **options)
         finally:
             fused_projections.GROUPS = groups
     if variant.endswith("-eager"):  # plain nn.Linear, as before #19 item 2
-        return TorchEngine.load(variant, path, dtype=FULL[variant.removesuffix("-eager")], prepack_weights=False)
+        return TorchEngine.load(name, path, dtype=FULL[variant.removesuffix("-eager")], prepack_weights=False,
+                                **options)
     if variant in ("int8", "int4"):
-        return TorchEngine.load(variant, path, dtype="auto", quantization=variant)
+        return TorchEngine.load(name, path, dtype="auto", quantization=variant, **options)
     # the old path, as TorchEngine.load ran it before: a transformers quantization_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,13 +126,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["variants"])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.4))
     width = 0.38
     for k, batch in enumerate(result["batches"]):
         vals = [result["variants"][n][f"batch{batch}_tok_s"] for n in names]
         bars = ax.bar([i + (k - 0.5) * width for i in range(len(names))], vals, width, label=f"batch {batch}")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("decode tok/s")
     ax.set_title(f"SmolLM2-135M decode, PyTorch engine, best of {result['reps']} reps\n"
                  + summary(result["cpu"]), fontsize=9)
@@ -170,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     out = asyncio.run(run())
     result = {"model": path, "cpu": cpu, "torch": torch.__version__, "batches": batches,
               "max_tokens": args.max_tokens, "reps": args.reps,
-              "command": "python -m tests.bench.int_kernels" + (" --profile" if args.profile else ""), "variants": {}}
+              "command": f"python -m tests.bench.int_kernels --variants {args.variants} --batches {args.batches} "
+                         f"--max-tokens {args.max_tokens} --reps {args.reps}" + (" --profile" if args.profile else ""),
+              "load_avg_at_end": [round(x, 2) for x in __import__("os").getloadavg()], "variants": {}}
     for v in variants:
         e = engines[v]
         row = {"dtype": e.dtype_choice.name, "weight_bytes": e.weight_bytes, "linear_kernel": e.linear_kernel,
@@ -186,22 +197,32 @@ def main(argv: list[str] | None = None) -> int:
                 same += 1
             row["greedy_prefix_same_as_full_precision"] = same
         result["variants"][v] = row
-    full = max((result["variants"][v]["batch1_tok_s"], v) for v in ("fp32", "bf16") if v in result["variants"])
-    result["full_precision_best"] = {"variant": full[1], "batch1_tok_s": full[0]}
-    for v, row in result["variants"].items():
-        row["batch1_x_full_precision"] = row["batch1_tok_s"] / full[0]
-        row["batch1_median_x_full_precision"] = row["batch1_median_tok_s"] / max(
-            result["variants"][f]["batch1_median_tok_s"] for f in ("fp32", "bf16") if f in result["variants"])
+    rows = result["variants"]
+    for suffix in ("", "-compiled"):  # each variant against full precision run the same way
+        full = [f + suffix for f in FULL if f + suffix in rows]
+        if not full:
+            continue
+        best = max(full, key=lambda f: rows[f]["batch1_tok_s"])
+        result["full_precision_best" + suffix.replace("-", "_")] = {"variant": best,
+                                                                    "batch1_tok_s": rows[best]["batch1_tok_s"]}
+        for v, row in rows.items():
+            if v.endswith("-compiled") == bool(suffix):
+                row["full_precision_reference"] = best
+                row["batch1_x_full_precision"] = row["batch1_tok_s"] / rows[best]["batch1_tok_s"]
+                row["batch1_median_x_full_precision"] = row["batch1_median_tok_s"] / max(
+                    rows[f]["batch1_median_tok_s"] for f in full)
     if args.profile:
         for v in variants:
             result["variants"][v]["profile_batch1"] = profile_decode(engines[v])
     print(f"\nbest of {args.reps} reps (median in brackets)")
-    print(f"{'variant':<14}{'dtype':<10}{'MiB':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>18}" for b in batches)
+    print(f"{'variant':<22}{'dtype':<10}{'MiB':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>18}" for b in batches)
           + f"{'b1 x fp':>14}")
     for v, row in result["variants"].items():
-        print(f"{v:<14}{row['dtype']:<10}{row['weight_bytes'] / 2**20:>8.1f}"
+        ratio = (f"{row['batch1_x_full_precision']:>7.2f} ({row['batch1_median_x_full_precision']:.2f})"
+                 if "batch1_x_full_precision" in row else "")
+        print(f"{v:<22}{row['dtype']:<10}{row['weight_bytes'] / 2**20:>8.1f}"
               + "".join(f"{row[f'batch{b}_tok_s']:>10.1f} ({row[f'batch{b}_median_tok_s']:5.1f})" for b in batches)
-              + f"{row['batch1_x_full_precision']:>7.2f} ({row['batch1_median_x_full_precision']:.2f})")
+              + ratio)
     if args.profile:
         for v in variants:
             print(f"\n{v}: top ops per batch-1 decode step")

@@ -6,7 +6,8 @@ decode step (SmolLM2-135M: 49152 x 576, a fifth of the linear weights), and 4 bi
 most of int4's quality (SmolLM2, 512 tokens of text: mean NLL bf16 3.174, int4 layers + int4 head
 3.211, int4 layers + int8 head 3.177), as llama.cpp keeps its output tensor above 4 bits. A tied
 head keeps the embedding in full precision for the lookup and gets its own quantized copy. A layer whose width the 4-bit
-group size does not divide stays full precision (logged).
+group size does not divide stays full precision (logged). The q/k/v and gate/up layers of a block are
+joined first, one quantized matmul each (fused_projections.py), as the full-precision engine does.
 
 The kernels' activation dtype is chosen by measurement, once per process: each kernel is timed
 on one decode-sized matmul in bf16 and in fp32, on one thread (a busy machine stalls a
@@ -23,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from server.engines.torch.fused_projections import fuse_projections
 from server.engines.torch.int4_linear import GROUP_SIZES, Int4Linear
 from server.engines.torch.int8_linear import Int8Linear
 from server.engines.torch.packed_linear import swap_module, untie_head
@@ -49,9 +51,11 @@ def _time_kernel(method: str, dtype: torch.dtype, out_f: int = 1536, in_f: int =
     return sorted(times)[reps // 2]
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     layer.weight.data = weight
+    if bias is not None:
+        layer.bias.data = bias
     return layer
 
 
@@ -72,7 +76,8 @@ def kernel_dtype(method: str) -> torch.dtype:
 
 def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT_GROUP_SIZE,
                      compute_dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Swap the model's nn.Linear layers in place; returns {"quantized": n, "kept": m, "kernel": what runs}."""
+    """Swap the model's nn.Linear layers in place; returns {"quantized": n (linears, a fused group's members
+    each counted), "kept": m, "fused": groups, "kernel": what runs}."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if method == "int4" and group_size not in GROUP_SIZES:
@@ -80,7 +85,13 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
     compute_dtype = compute_dtype or kernel_dtype(method)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_dtype = compute_dtype if method == "int8" else kernel_dtype("int8")
-    quantized, kept = 0, []
+    if method == "int8":
+        build = lambda w, b: Int8Linear.from_linear(_linear(w, b), compute_dtype)  # noqa: E731
+    else:
+        build = lambda w, b: Int4Linear.from_linear(_linear(w, b), group_size, compute_dtype)  # noqa: E731
+    before = sum(type(m) is nn.Linear for m in model.modules())
+    groups = fuse_projections(model, build, accept=lambda m: method == "int8" or m.in_features % group_size == 0)
+    quantized, kept = before - sum(type(m) is nn.Linear for m in model.modules()), []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
@@ -101,5 +112,6 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
                     group_size, ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""))
     op = "_weight_int8pack_mm" if method == "int8" else \
         f"_weight_int4pack_mm_for_cpu, groups of {group_size} (the head: int8)"
-    return {"quantized": quantized, "kept": len(kept),
-            "kernel": f"aten.{op}, {str(compute_dtype).removeprefix('torch.')} activations"}
+    fused = f"; q/k/v and gate/up fused ({groups} groups)" if groups else ""
+    return {"quantized": quantized, "kept": len(kept), "fused": groups,
+            "kernel": f"aten.{op}, {str(compute_dtype).removeprefix('torch.')} activations{fused}"}
