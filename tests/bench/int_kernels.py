@@ -3,7 +3,9 @@ oneDNN-prepacked weights with q/k/v and gate/up fused (the default), prepacked b
 (`-unfused`) and on plain nn.Linear (`-eager`), load-time int8/int4 on torch's
 packed kernels (fused the same way, or `-unfused`), and the older torchao / bitsandbytes path. A
 `-compiled` suffix runs the variant with `compile_decode` (compiled_decode.py), e.g. `int8-compiled`;
-its "x fp" ratio is then against the best compiled full-precision variant in the run.
+its "x fp" ratio is then against the best compiled full-precision variant in the run. A `-torchkernel`
+suffix (before `-compiled`) runs int8 on torch's `_weight_int8pack_mm` at every row count instead of
+slimserve's own few-row kernel (int8_gemv.py), switched per turn in the same process.
 
     python -m tests.bench.int_kernels                 # SmolLM2-135M-Instruct, the embedded default
     python -m tests.bench.int_kernels --profile       # plus the top ops of a batch-1 decode per variant
@@ -27,6 +29,7 @@ import torch
 
 from server.default_model import DEFAULT_MODEL_ID
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
+from server.engines.torch import int8_gemv
 from server.engines.torch.engine import TorchEngine
 from tests.bench.models import local_model
 from tests.bench.machine import describe, summary
@@ -40,9 +43,10 @@ FULL = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def load(variant: str, path: str) -> TorchEngine:
+    base = variant.removesuffix("-compiled").replace("-torchkernel", "")
     if variant.endswith("-compiled"):
-        return load_engine(variant, variant.removesuffix("-compiled"), path, compile_decode=True)
-    return load_engine(variant, variant, path)
+        return load_engine(variant, base, path, compile_decode=True)
+    return load_engine(variant, base, path)
 
 
 def load_engine(name: str, variant: str, path: str, **options) -> TorchEngine:
@@ -167,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             for b in batches:
                 for v in variants:
+                    int8_gemv.enabled = "-torchkernel" not in v
                     rate, toks = await decode_rate(engines[v], b, args.max_tokens)
+                    int8_gemv.enabled = True
                     rates[v][b].append(rate)
                     texts.setdefault(v, toks)
             print(f"rep {rep + 1}/{args.reps}: " + "  ".join(

@@ -5,6 +5,10 @@ the int8 weights directly (half the bytes of bf16, a quarter of fp32) and scales
 Activations run through the kernel in `compute_dtype` (see quantize_linears.kernel_dtype: bf16 where that is
 the fast path of the kernel) and come back in the caller's dtype. No child modules and public
 `in_features`/`out_features`, so LoRA wraps it like any nn.Linear (lora.py).
+
+Up to int8_gemv.MAX_ROWS rows (decode) run slimserve's own kernel where it could be built for this
+CPU (int8_gemv.py: torch's kernel is compute-bound at one row); both multiply by the same weight
+(the int8 values times the scales as stored), in fp32 accumulators, summing in another order.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.engines.torch import int8_gemv
 from server.engines.torch.packed_linear import PackedLinear
 
 
@@ -31,6 +36,8 @@ class Int8Linear(PackedLinear):
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scales", scales.to(compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+        # the few-row kernel takes the same scales in fp32; None where it is not built here
+        self.scales_fp32 = self.scales.float() if int8_gemv.available() else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> "Int8Linear":
@@ -42,6 +49,8 @@ class Int8Linear(PackedLinear):
         return self.weight_int8.float() * self.scales.float()[:, None]
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.scales_fp32 is not None and x2.shape[0] <= int8_gemv.MAX_ROWS and int8_gemv.enabled:
+            return int8_gemv.gemv(x2, self.weight_int8, self.scales_fp32, None)
         return torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,111 @@
+"""slimserve's own int8 decode kernel (server/engines/torch/int8_gemv.py): built for this CPU, it
+multiplies by the same weight as torch's kernel (int8 values times the stored scales) for every row
+count up to MAX_ROWS, both activation dtypes, widths that are not a multiple of its 4-row blocks and
+a bias; Int8Linear uses it for few rows and torch's kernel above; the build is cached per CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engines.torch import int8_gemv
+from server.engines.torch.int8_linear import Int8Linear
+
+pytestmark = pytest.mark.skipif(not int8_gemv.available(), reason=f"kernel not built: {int8_gemv.why_not()}")
+
+
+def _linear(in_f: int, out_f: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_f, out_f, bias=bias)
+    layer.weight.data.normal_(0, 0.05)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, int8_gemv.MAX_ROWS])
+@pytest.mark.parametrize("shape", [(576, 960), (100, 7), (1536, 577)])  # (in, out): out not a multiple of 4
+def test_equals_the_dequantized_matmul(dtype, rows, shape):
+    layer = Int8Linear.from_linear(_linear(*shape, bias=False), dtype)
+    x = torch.randn(rows, shape[0]).to(dtype)
+    ref = x.float() @ layer.dequantized().t()
+    own = int8_gemv.gemv(x.contiguous(), layer.weight_int8, layer.scales_fp32, None)
+    assert own.dtype == dtype and own.shape == (rows, shape[1])
+    err = (own.float() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-5 * scale, err
+    else:  # the output rounded once to bf16: half a unit in its last place
+        assert torch.all((own.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * scale)
+    if shape[0] % 32:
+        return  # torch's bf16 kernel segfaults where in_features is not a multiple of 32 (torch 2.13, seen here)
+    torch_kernel = torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.weight_int8, layer.scales)
+    assert (own.float() - torch_kernel.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2 ** -7) * scale
+
+
+def test_bias_is_added_once():
+    layer = Int8Linear.from_linear(_linear(64, 10, bias=True), torch.float32)
+    x = torch.randn(2, 64)
+    bias = torch.linspace(-1, 1, 10)
+    own = int8_gemv.gemv(x, layer.weight_int8, layer.scales_fp32, bias)
+    assert torch.allclose(own, x @ layer.dequantized().t() + bias, atol=1e-5)
+
+
+def test_int8_linear_uses_it_for_few_rows_and_torchs_kernel_above(monkeypatch):
+    layer = Int8Linear.from_linear(_linear(128, 64, bias=True), torch.bfloat16)
+    calls = []
+    real = int8_gemv.gemv
+    monkeypatch.setattr(int8_gemv, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    few, many = torch.randn(int8_gemv.MAX_ROWS, 128), torch.randn(int8_gemv.MAX_ROWS + 1, 128)
+    with torch.no_grad():
+        y_few, y_many = layer(few), layer(many)
+        ref = lambda x: x.to(torch.bfloat16).float() @ layer.dequantized().t() + layer.bias.float()  # noqa: E731
+    assert calls == [int8_gemv.MAX_ROWS]
+    assert y_few.dtype == few.dtype and y_many.dtype == many.dtype
+    for y, x in ((y_few, few), (y_many, many)):
+        assert (y - ref(x)).abs().max() <= 2 ** -6 * ref(x).abs().max()
+    monkeypatch.setattr(int8_gemv, "enabled", False)
+    layer(few)
+    assert calls == [int8_gemv.MAX_ROWS]  # switched off: torch's kernel
+
+
+def test_one_build_per_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(int8_gemv, "CACHE", tmp_path)
+    first = int8_gemv._build()
+    assert int8_gemv._build() == first and first.parent == tmp_path  # cached: not rebuilt
+    monkeypatch.setattr(int8_gemv, "_cpu_flags", lambda: "flags : fpu sse sse2 avx avx2")
+    other = int8_gemv._build()
+    assert other != first and sorted(p.name for p in tmp_path.glob("*.so")) == sorted([first.name, other.name])
+
+
+def test_no_compiler_leaves_torchs_kernel(monkeypatch, tmp_path):
+    monkeypatch.setattr(int8_gemv, "CACHE", tmp_path)
+    monkeypatch.setattr(int8_gemv, "_compiler", lambda: None)
+    int8_gemv._library.cache_clear()
+    try:
+        assert not int8_gemv.available() and "no C compiler" in int8_gemv.why_not()
+        layer = Int8Linear.from_linear(_linear(32, 8, bias=False), torch.float32)
+        assert layer.scales_fp32 is None
+        x = torch.randn(1, 32)
+        assert torch.allclose(layer(x), x @ layer.dequantized().t(), atol=1e-5)
+    finally:
+        int8_gemv._library.cache_clear()
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA (the AVX2-only EPYC's path), plain C
+def test_the_avx2_and_plain_c_paths_equal_the_dequantized_matmul(monkeypatch, tmp_path, march):
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 targets")
+    monkeypatch.setattr(int8_gemv, "CACHE", tmp_path)
+    monkeypatch.setattr(int8_gemv, "FLAGS", [f"-march={march}" if f == "-march=native" else f for f in int8_gemv.FLAGS])
+    int8_gemv._library.cache_clear()
+    try:
+        assert int8_gemv.available(), int8_gemv.why_not()
+        layer = Int8Linear.from_linear(_linear(1536, 577, bias=False), torch.float32)
+        x = torch.randn(2, 1536)
+        own = int8_gemv.gemv(x, layer.weight_int8, layer.scales_fp32, None)
+        ref = x @ layer.dequantized().t()
+        assert (own - ref).abs().max() <= 1e-5 * ref.abs().max()
+    finally:
+        int8_gemv._library.cache_clear()
