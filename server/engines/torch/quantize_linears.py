@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from server.engines.torch import int8_gemv
 from server.engines.torch.fused_projections import fuse_projections
 from server.engines.torch.int4_linear import GROUP_SIZES, Int4Linear
 from server.engines.torch.int8_linear import Int8Linear
@@ -116,5 +117,9 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
     op = "_weight_int8pack_mm" if method == "int8" else \
         f"_weight_int4pack_mm_for_cpu, groups of {group_size} (the head: int8)"
     fused = f"; q/k/v and gate/up fused ({groups} groups)" if groups else ""
+    own = ""
+    if method == "int8" or head is not None:  # int4's head is int8 too
+        own = (f"; up to {int8_gemv.MAX_ROWS} rows slimserve's int8_gemv" if int8_gemv.available() and
+               int8_gemv.enabled else f"; int8_gemv off: {int8_gemv.why_not() or 'SLIMSERVE_INT8_KERNEL=torch'}")
     return {"quantized": quantized, "kept": len(kept), "fused": groups,
-            "kernel": f"aten.{op}, {str(compute_dtype).removeprefix('torch.')} activations{fused}"}
+            "kernel": f"aten.{op}, {str(compute_dtype).removeprefix('torch.')} activations{fused}{own}"}
