@@ -1,6 +1,6 @@
 """slimserve's own int8 decode kernel (server/engines/torch/int8_gemv.py): built for this CPU, it
 multiplies by the same weight as torch's kernel (int8 values times the stored scales) for every row
-count up to MAX_ROWS, both activation dtypes, widths that are not a multiple of its 4-row blocks and
+count up to 3 (MAX_ROWS is 2), both activation dtypes, widths that are not a multiple of its 4-row blocks and
 a bias; Int8Linear uses it for few rows and torch's kernel above; the build is cached per CPU."""
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def test_int8_linear_uses_it_for_few_rows_and_torchs_kernel_above(monkeypatch):
 def test_one_build_per_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(int8_gemv, "CACHE", tmp_path)
     first = int8_gemv._build()
-    assert int8_gemv._build() == first and first.parent == tmp_path  # cached: not rebuilt
+    built = first.stat().st_mtime_ns
+    assert int8_gemv._build() == first and first.parent == tmp_path
+    assert first.stat().st_mtime_ns == built  # cached: not rebuilt
     monkeypatch.setattr(int8_gemv, "_cpu_flags", lambda: "flags : fpu sse sse2 avx avx2")
     other = int8_gemv._build()
     assert other != first and sorted(p.name for p in tmp_path.glob("*.so")) == sorted([first.name, other.name])
@@ -102,10 +104,11 @@ def test_the_avx2_and_plain_c_paths_equal_the_dequantized_matmul(monkeypatch, tm
     int8_gemv._library.cache_clear()
     try:
         assert int8_gemv.available(), int8_gemv.why_not()
-        layer = Int8Linear.from_linear(_linear(1536, 577, bias=False), torch.float32)
-        x = torch.randn(2, 1536)
-        own = int8_gemv.gemv(x, layer.weight_int8, layer.scales_fp32, None)
-        ref = x @ layer.dequantized().t()
-        assert (own - ref).abs().max() <= 1e-5 * ref.abs().max()
+        for in_f in (1536, 100):  # 100: the vector loop's remainder too
+            layer = Int8Linear.from_linear(_linear(in_f, 577, bias=False), torch.float32)
+            x = torch.randn(2, in_f)
+            own = int8_gemv.gemv(x, layer.weight_int8, layer.scales_fp32, None)
+            ref = x @ layer.dequantized().t()
+            assert (own - ref).abs().max() <= 1e-5 * ref.abs().max()
     finally:
         int8_gemv._library.cache_clear()

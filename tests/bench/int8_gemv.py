@@ -82,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for rows in [int(r) for r in args.rows.split(",")]:
             xs = {k: torch.randn(rows, k).to(dtype) for k in {s[2] for s in SHAPES}}
-            aten = step_ms(lambda x, q, s, s32: torch.ops.aten._weight_int8pack_mm(x, q, s), weights, xs, args.reps)
-            own = step_ms(lambda x, q, s, s32: int8_gemv.gemv(x, q, s32, None), weights, xs, args.reps)
-            aten = min(aten, step_ms(lambda x, q, s, s32: torch.ops.aten._weight_int8pack_mm(x, q, s), weights, xs,
-                                     args.reps))  # turns: torch, own, torch
+            torch_kernel = lambda x, q, s, s32: torch.ops.aten._weight_int8pack_mm(x, q, s)  # noqa: E731
+            own_kernel = lambda x, q, s, s32: int8_gemv.gemv(x, q, s32, None)  # noqa: E731
+            aten, own = [], []
+            for _ in range(2):  # turns: torch, own, torch, own; the best of each
+                aten.append(step_ms(torch_kernel, weights, xs, args.reps))
+                own.append(step_ms(own_kernel, weights, xs, args.reps))
+            aten, own = min(aten), min(own)
             streamed = sum(q.numel() for _, q, _, _ in weights) / 1e6
             level = {"rows": rows, "torch_ms": round(aten, 3), "own_ms": round(own, 3),
                      "speedup": round(aten / own, 2), "own_gb_s": round(streamed / own, 1),

@@ -171,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             for b in batches:
                 for v in variants:
-                    int8_gemv.enabled = "-torchkernel" not in v
-                    rate, toks = await decode_rate(engines[v], b, args.max_tokens)
-                    int8_gemv.enabled = True
+                    own, int8_gemv.enabled = int8_gemv.enabled, int8_gemv.enabled and "-torchkernel" not in v
+                    try:
+                        rate, toks = await decode_rate(engines[v], b, args.max_tokens)
+                    finally:
+                        int8_gemv.enabled = own
                     rates[v][b].append(rate)
                     texts.setdefault(v, toks)
             print(f"rep {rep + 1}/{args.reps}: " + "  ".join(
@@ -219,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                     rows[f]["batch1_median_tok_s"] for f in full)
     if args.profile:
         for v in variants:
-            result["variants"][v]["profile_batch1"] = profile_decode(engines[v])
+            own, int8_gemv.enabled = int8_gemv.enabled, int8_gemv.enabled and "-torchkernel" not in v
+            try:
+                result["variants"][v]["profile_batch1"] = profile_decode(engines[v])
+            finally:
+                int8_gemv.enabled = own
     print(f"\nbest of {args.reps} reps (median in brackets)")
     print(f"{'variant':<22}{'dtype':<10}{'MiB':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>18}" for b in batches)
           + f"{'b1 x fp':>14}")

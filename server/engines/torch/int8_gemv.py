@@ -6,13 +6,15 @@ from memory) ~26 GB/s, while oneDNN's bf16 matmul streams ~40 GB/s, so load-time
 ~1.15-1.3x faster than bf16. This kernel is the plain loop — each output row's dot product with
 the activations in fp32, four weight rows at a time so one activation load feeds four FMAs — plus
 software prefetch of the weight rows ahead, which is what made it pay (without it the same loop ran
-0.83-0.89x torch's kernel; with it 1.55x, ~42 GB/s). Written in C with AVX-512 or AVX2 intrinsics
-and compiled at first use with `-O3 -march=native` for this CPU's vector unit,
+0.83-0.89x torch's kernel; with it 1.45-1.67x, ~38-44 GB/s). Written in C with AVX-512 or AVX2 intrinsics (plain C on
+other x86 targets) and compiled at first use with `-O3 -march=native` for this CPU's vector unit,
 into a cache folder named by the source, the compiler and the CPU's flags (a kernel built for one
 vector ISA is never loaded on another: see compiled_decode.use_isa_cache_dir for what that costs).
 
 It runs on torch's own OpenMP runtime (the process already holds `libgomp.so.1`, the name the kernel
-links against), so it shares torch's threads and thread count. bf16 activations and outputs are
+links against; checked at load: where the kernel would bind another runtime, e.g. a torch built with
+Intel's, it stays off, since two thread teams on the same cores stall each other) with torch's thread
+count, passed on each call. bf16 activations and outputs are
 converted inside the kernel (round to nearest even), fp32 passes straight through; accumulation is
 fp32, as in torch's kernel. Rows above `MAX_ROWS` go to torch's kernel, which wins on bigger batches.
 Where no C compiler works, `available()` is False with the reason, and the layer keeps torch's kernel.
@@ -35,7 +37,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 2  # measured crossover (tests/bench/int8_gemv.py): 1.55x at 1 row, 1.18x at 2, 0.69x at 4
+MAX_ROWS = 2  # measured crossover (tests/bench/int8_gemv.py): 1.45-1.67x at 1 row, 1.00-1.18x at 2, 0.75x at 4
 enabled = os.environ.get("SLIMSERVE_INT8_KERNEL", "own") != "torch"  # "torch": always torch's kernel (benches)
 CACHE = Path(os.environ.get("SLIMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "slimserve" / "kernels"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
@@ -44,9 +46,11 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
-#define PF 16  /* prefetch this many weight rows ahead: 1.2-1.5x at one row on SmolLM2 shapes (AMD EPYC) */
+#define PF 16  /* prefetch this many weight rows ahead (what made the loop pay: 0.85x torch's kernel without) */
 
 /* the vector unit this compiler targets (-march=native): 16 floats, 8, or plain C */
 #if defined(__AVX512F__)
@@ -97,12 +101,12 @@ static inline float tail(const float *x, const int8_t *w, int64_t k, int64_t K) 
 /* y[m, n] = scales[n] * sum_k x[m, k] * w[n, k] (+ bias[n]); x and y bf16 (`bf16`) or fp32, w int8 [N, K]
    row-major, scales and bias fp32. Four weight rows at a time share each activation load. */
 void slimserve_int8_gemv(const void *x, const int8_t *w, const float *scales, const float *bias, void *y,
-                         int64_t M, int64_t N, int64_t K, int bf16) {
+                         int64_t M, int64_t N, int64_t K, int bf16, int threads) {
     float *xf = (float *)malloc(sizeof(float) * M * K);
     for (int64_t i = 0; i < M * K; i++) xf[i] = bf16 ? from_bf16(((const uint16_t *)x)[i]) : ((const float *)x)[i];
     const int64_t KV = K - K % VW;
     const int64_t blocks = (N + 3) / 4;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n = b * 4;
         if (n + 4 > N) {
@@ -112,12 +116,15 @@ void slimserve_int8_gemv(const void *x, const int8_t *w, const float *scales, co
             continue;
         }
         const int8_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        const int64_t ahead = n + 4 + PF <= N ? PF * K : 0;
         for (int64_t m = 0; m < M; m++) {
             const float *xm = xf + m * K;
             vf a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
             for (int64_t k = 0; k < KV; k += VW) {
-                _mm_prefetch((const char *)(w0 + k + PF * K), _MM_HINT_T0); _mm_prefetch((const char *)(w1 + k + PF * K), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w2 + k + PF * K), _MM_HINT_T0); _mm_prefetch((const char *)(w3 + k + PF * K), _MM_HINT_T0);
+                if ((k & 63) == 0) {  /* one prefetch per cache line of each row, never past the last row */
+                    __builtin_prefetch(w0 + k + ahead, 0, 3); __builtin_prefetch(w1 + k + ahead, 0, 3);
+                    __builtin_prefetch(w2 + k + ahead, 0, 3); __builtin_prefetch(w3 + k + ahead, 0, 3);
+                }
                 vf xv = ld(xm + k);
                 a0 = fma_(xv, cvt(w0 + k), a0); a1 = fma_(xv, cvt(w1 + k), a1);
                 a2 = fma_(xv, cvt(w2 + k), a2); a3 = fma_(xv, cvt(w3 + k), a3);
@@ -154,8 +161,9 @@ def _build() -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (gcc or $CC) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    key = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()[:16]
+    about = subprocess.run([cc, "--version"], capture_output=True, timeout=30, check=True).stdout
+    version = about.decode(errors="replace").strip().splitlines()[:1] or [cc]
+    key = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), version[0], _cpu_flags()]).encode()).hexdigest()[:16]
     target = CACHE / f"int8_gemv-{key}.so"
     if target.exists():
         return target
@@ -164,28 +172,40 @@ def _build() -> Path:
         src = Path(tmp) / "int8_gemv.c"
         src.write_text(SOURCE)
         out = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{cc} failed: {done.stderr.decode(errors='replace').strip()[-500:]}")
         os.replace(out, target)  # atomic: a process beside this one sees the whole file or none
     return target
 
 
+def _same_runtime(lib: ctypes.CDLL) -> bool:
+    """Whether the kernel's OpenMP calls resolve to the runtime torch loaded."""
+    from server.engines.torch.openmp import _runtime
+
+    torch_omp = _runtime()
+    address = lambda l: ctypes.cast(l.omp_get_max_threads, ctypes.c_void_p).value  # noqa: E731
+    return torch_omp is not None and address(lib) == address(torch_omp)
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | str:
-    """The loaded kernel, or why there is none."""
+    """The loaded kernel, or why there is none. Any failure leaves torch's kernel in place."""
     try:
         lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        if not _same_runtime(lib):
+            raise RuntimeError("the kernel would run on another OpenMP runtime than torch's")
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot be had is never fatal
         log.warning("int8 decode kernel not built, torch's kernel runs instead: %s", exc)
         return f"{type(exc).__name__}: {exc}"
     fn = lib.slimserve_int8_gemv
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     return lib
 
 
 def available() -> bool:
+    """Whether the kernel runs here (built, loaded, on torch's OpenMP runtime); builds it on first call."""
     return not isinstance(_library(), str)
 
 
@@ -195,12 +215,15 @@ def why_not() -> str | None:
 
 
 def gemv(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 [rows, in] contiguous bf16 or fp32, weight int8 [out, in], scales (and bias) fp32 [out] ->
-    [rows, out] in x2's dtype. Call only where available()."""
+    """x2 [rows, in] contiguous bf16 or fp32, weight int8 [out, in] contiguous, scales (and bias) fp32 [out]
+    -> [rows, out] in x2's dtype. Call only where available()."""
     rows, k = x2.shape
     n = weight.shape[0]
+    if x2.dtype not in (torch.bfloat16, torch.float32) or scales.dtype != torch.float32 or \
+            weight.dtype != torch.int8 or not (x2.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("int8_gemv takes contiguous bf16/fp32 rows, int8 weights and fp32 scales")
     y = torch.empty((rows, n), dtype=x2.dtype)
     _library().slimserve_int8_gemv(x2.data_ptr(), weight.data_ptr(), scales.data_ptr(),
                                    None if bias is None else bias.data_ptr(), y.data_ptr(), rows, n, k,
-                                   int(x2.dtype == torch.bfloat16))
+                                   int(x2.dtype == torch.bfloat16), torch.get_num_threads())
     return y

@@ -41,7 +41,7 @@ def _time_kernel(method: str, dtype: torch.dtype, out_f: int = 1536, in_f: int =
     layer = Int8Linear.from_linear(_linear(weight), dtype) if method == "int8" else \
         Int4Linear.from_linear(_linear(weight), DEFAULT_GROUP_SIZE, dtype)
     x = torch.randn(1, in_f, dtype=dtype)
-    # torch's kernel: the dtype is chosen for it (prefill rows; int8_gemv's few-row kernel takes either)
+    # torch's kernel: the dtype is chosen for it (int8_gemv's few-row kernel takes either dtype alike)
     run = (lambda: torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.scales)) if method == "int8" \
         else (lambda: layer(x))
     times = []
