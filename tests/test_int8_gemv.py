@@ -36,10 +36,11 @@ def test_equals_the_dequantized_matmul(dtype, rows, shape):
         assert err <= 1e-5 * scale, err
     else:  # the output rounded once to bf16: half a unit in its last place
         assert torch.all((own.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * scale)
-    if shape[0] % 32:
-        return  # torch's bf16 kernel segfaults where in_features is not a multiple of 32 (torch 2.13, seen here)
+    if shape[0] % 16:
+        return  # torch's bf16 kernel segfaults on some in_features not a multiple of 16 (quantize_linears guards)
     torch_kernel = torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.weight_int8, layer.scales)
-    assert (own.float() - torch_kernel.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2 ** -7) * scale
+    bound = (1e-5 if dtype == torch.float32 else 2 ** -7) * scale
+    assert (own.float() - torch_kernel.float()).abs().max().item() <= bound
 
 
 def test_bias_is_added_once():

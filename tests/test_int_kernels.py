@@ -142,3 +142,15 @@ def test_fused_groups_equal_their_members_quantized_alone(tiny_model_dir, method
         a, b = fused(ids).logits, alone(ids).logits
     assert (a - b).abs().max() <= 1e-5 * b.abs().max(), "another summation order at most"
     assert abs(weight_bytes(fused) - weight_bytes(alone)) <= 64  # the group's bytes are counted, once
+
+
+def test_int8_layers_whose_width_torchs_bf16_kernel_crashes_on_stay_full_precision():
+    """torch 2.13's bf16 _weight_int8pack_mm segfaults on some input widths that are not a multiple of 16
+    (in 100 at 3 rows here): such a layer keeps its full-precision weights instead of taking the process down."""
+    model = torch.nn.Sequential(torch.nn.Linear(100, 64), torch.nn.Linear(64, 7))
+    with torch.no_grad():
+        summary = quantize_linears(model, "int8", compute_dtype=torch.bfloat16)
+        y = model(torch.randn(3, 100))
+    assert summary["kept"] == 1 and summary["quantized"] == 1
+    assert type(model[0]) is torch.nn.Linear and isinstance(model[1], Int8Linear)
+    assert y.shape == (3, 7)

@@ -6,8 +6,10 @@ decode step (SmolLM2-135M: 49152 x 576, a fifth of the linear weights), and 4 bi
 most of int4's quality (SmolLM2, 512 tokens of text: mean NLL bf16 3.174, int4 layers + int4 head
 3.211, int4 layers + int8 head 3.177), as llama.cpp keeps its output tensor above 4 bits. A tied
 head keeps the embedding in full precision for the lookup and gets its own quantized copy. A layer whose width the 4-bit
-group size does not divide stays full precision (logged). The q/k/v and gate/up layers of a block are
-joined first, one quantized matmul each (fused_projections.py), as the full-precision engine does.
+group size does not divide stays full precision (logged), as does an int8 layer with bf16 activations
+whose input width is not a multiple of 16 (torch's kernel crashes on some: _int8_kernel_safe). The
+q/k/v and gate/up layers of a block are joined first, one quantized matmul each (fused_projections.py),
+as the full-precision engine does.
 
 The kernels' activation dtype is chosen by measurement, once per process: each kernel is timed
 on one decode-sized matmul in bf16 and in fp32, on one thread (a busy machine stalls a
@@ -78,6 +80,12 @@ def kernel_dtype(method: str) -> torch.dtype:
     return best
 
 
+def _int8_kernel_safe(in_features: int, dtype: torch.dtype) -> bool:
+    """torch 2.13's `_weight_int8pack_mm` with bf16 activations segfaults on some input widths that are not a
+    multiple of 16 (found on this CPU: in 8, 24, 50, 100, 130, 200 at out 7 or 3 rows); fp32 does not."""
+    return dtype != torch.bfloat16 or in_features % 16 == 0
+
+
 def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT_GROUP_SIZE,
                      compute_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Swap the model's nn.Linear layers in place; returns {"quantized": n (linears, a fused group's members
@@ -94,12 +102,17 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
     else:
         build = lambda w, b: Int4Linear.from_linear(_linear(w, b), group_size, compute_dtype)  # noqa: E731
     before = sum(type(m) is nn.Linear for m in model.modules())
-    groups = fuse_projections(model, build, accept=lambda m: method == "int8" or m.in_features % group_size == 0)
+    groups = fuse_projections(model, build, accept=lambda m: _int8_kernel_safe(m.in_features, compute_dtype)
+                              if method == "int8" else m.in_features % group_size == 0)
     quantized, kept = before - sum(type(m) is nn.Linear for m in model.modules()), []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
         if module is not head and method == "int4" and module.in_features % group_size:
+            kept.append(name)
+            continue
+        if (module is head or method == "int8") and not _int8_kernel_safe(
+                module.in_features, head_dtype if module is head else compute_dtype):
             kept.append(name)
             continue
         with torch.no_grad():
@@ -112,8 +125,9 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
     if head is not None and type(head) is nn.Linear:
         untie_head(model)
     if kept:
-        log.warning("%s: %d linear layers stay full precision (width not a multiple of %d): %s", method, len(kept),
-                    group_size, ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""))
+        shown = ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else "")
+        log.warning("%s: %d linear layers stay full precision (input width not a multiple of %d): %s", method,
+                    len(kept), group_size if method == "int4" else 16, shown)
     op = "_weight_int8pack_mm" if method == "int8" else \
         f"_weight_int4pack_mm_for_cpu, groups of {group_size} (the head: int8)"
     fused = f"; q/k/v and gate/up fused ({groups} groups)" if groups else ""
