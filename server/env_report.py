@@ -119,6 +119,18 @@ def _dtype_auto(gpus: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _int8_decode_kernel() -> dict[str, Any]:
+    """Whether load-time int8's decode rows run slimserve's own kernel here (builds it on first use)."""
+    try:
+        from server.engines.torch import int8_gemv
+    except Exception as exc:  # noqa: BLE001
+        return {"runs": False, "why": f"{type(exc).__name__}: {exc}"}
+    if not int8_gemv.enabled:
+        return {"runs": False, "why": "SLIMSERVE_INT8_KERNEL=torch"}
+    why = int8_gemv.why_not()
+    return {"runs": why is None, "why": why, "cache": str(int8_gemv.CACHE), "max_rows": int8_gemv.MAX_ROWS}
+
+
 def gather(cache_dir: Path | None = None) -> dict[str, Any]:
     """Everything `slimserve env` prints, as plain JSON-able data."""
     from server import __version__
@@ -143,6 +155,7 @@ def gather(cache_dir: Path | None = None) -> dict[str, Any]:
         "torch": torch_info,
         "gpus": gpus,
         "dtype_auto": _dtype_auto(gpus),
+        "int8_decode_kernel": _int8_decode_kernel(),
         "packages": {name: _version(name) for name in PACKAGES},
         "vllm": kernels["vllm"] and {**kernels["vllm"], **{k: v for k, v in kernels.items() if k != "vllm"}},
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
@@ -174,6 +187,10 @@ def render(report: dict[str, Any]) -> str:
                      for g in report["gpus"] if "index" in g} or {"cuda": "none"})
     section("dtype auto (torch engine)", {device: f"{d['dtype']}: {d['reason']}" if "dtype" in d else d
                                           for device, d in report["dtype_auto"].items()})
+    k = report["int8_decode_kernel"]
+    section("int8 decode kernel (torch engine)", {"runs": f"slimserve int8_gemv, up to {k['max_rows']} rows "
+                                                          f"(built in {k['cache']})" if k["runs"] else
+                                                  f"torch's _weight_int8pack_mm: {k['why']}"})
     section("packages", {name: ver or "-" for name, ver in report["packages"].items()})
     v = report["vllm"]
     if not v:

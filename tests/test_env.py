@@ -42,6 +42,10 @@ def test_env_json_has_what_a_bug_report_needs(tmp_path):
         if report["vllm"]["platform"] == "cpu":
             assert "cpu_gemm_wna16" in report["vllm"]["ops"] and "gptq-4bit" in report["vllm"]["serves"]
     assert report["cache"] == {"dir": str(cache), "exists": True, "bytes": 1024}
+    from server.engines.torch import int8_gemv  # load-time int8's decode kernel: built here, or why not
+
+    kernel = report["int8_decode_kernel"]
+    assert kernel["runs"] == int8_gemv.available() and (kernel["why"] is None) == kernel["runs"]
 
 
 def test_env_text(tmp_path, capsys):
