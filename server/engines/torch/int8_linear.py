@@ -7,7 +7,7 @@ the fast path of the kernel) and come back in the caller's dtype. No child modul
 `in_features`/`out_features`, so LoRA wraps it like any nn.Linear (lora.py).
 
 Up to int8_gemv.MAX_ROWS rows (decode) run slimserve's own kernel where it could be built for this
-CPU (int8_gemv.py: torch's kernel is compute-bound at one row); both multiply by the same weight
+CPU (int8_gemv.py: torch's kernel streams the weights slowly at one row); both multiply by the same weight
 (the int8 values times the scales as stored), in fp32 accumulators, summing in another order.
 """
 
