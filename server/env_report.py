@@ -125,9 +125,7 @@ def _int8_decode_kernel() -> dict[str, Any]:
         from server.engines.torch import int8_gemv
     except Exception as exc:  # noqa: BLE001
         return {"runs": False, "why": f"{type(exc).__name__}: {exc}"}
-    if not int8_gemv.enabled:
-        return {"runs": False, "why": "SLIMSERVE_INT8_KERNEL=torch"}
-    why = int8_gemv.why_not()
+    why = int8_gemv.off_reason()
     return {"runs": why is None, "why": why, "cache": str(int8_gemv.CACHE), "max_rows": int8_gemv.MAX_ROWS}
 
 

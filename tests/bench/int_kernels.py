@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +41,17 @@ PROMPT = "Write a short story about a robot who learns to paint. Once upon a tim
 VARIANTS = ("fp32", "bf16", "fp32-unfused", "bf16-unfused", "fp32-eager", "bf16-eager", "int8", "int4",
             "int8-torchao", "int4-bnb")
 FULL = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@contextlib.contextmanager
+def int8_kernel_for(variant: str):
+    """slimserve's int8 decode kernel off while a `-torchkernel` variant runs (int8_gemv.enabled is read
+    on every call), as it was afterwards."""
+    own, int8_gemv.enabled = int8_gemv.enabled, int8_gemv.enabled and "-torchkernel" not in variant
+    try:
+        yield
+    finally:
+        int8_gemv.enabled = own
 
 
 def load(variant: str, path: str) -> TorchEngine:
@@ -171,11 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             for b in batches:
                 for v in variants:
-                    own, int8_gemv.enabled = int8_gemv.enabled, int8_gemv.enabled and "-torchkernel" not in v
-                    try:
+                    with int8_kernel_for(v):
                         rate, toks = await decode_rate(engines[v], b, args.max_tokens)
-                    finally:
-                        int8_gemv.enabled = own
                     rates[v][b].append(rate)
                     texts.setdefault(v, toks)
             print(f"rep {rep + 1}/{args.reps}: " + "  ".join(
@@ -221,11 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows[f]["batch1_median_tok_s"] for f in full)
     if args.profile:
         for v in variants:
-            own, int8_gemv.enabled = int8_gemv.enabled, int8_gemv.enabled and "-torchkernel" not in v
-            try:
+            with int8_kernel_for(v):
                 result["variants"][v]["profile_batch1"] = profile_decode(engines[v])
-            finally:
-                int8_gemv.enabled = own
     print(f"\nbest of {args.reps} reps (median in brackets)")
     print(f"{'variant':<22}{'dtype':<10}{'MiB':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>18}" for b in batches)
           + f"{'b1 x fp':>14}")

@@ -214,6 +214,12 @@ def why_not() -> str | None:
     return lib if isinstance(lib, str) else None
 
 
+def off_reason() -> str | None:
+    """Why decode rows run torch's kernel instead of this one, or None where this one runs (switched on,
+    then built and loaded: the build happens on the first call)."""
+    return "SLIMSERVE_INT8_KERNEL=torch" if not enabled else why_not()
+
+
 def gemv(x2: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 [rows, in] contiguous bf16 or fp32, weight int8 [out, in] contiguous, scales (and bias) fp32 [out]
     -> [rows, out] in x2's dtype. Call only where available()."""

@@ -37,7 +37,7 @@ class Int8Linear(PackedLinear):
         self.register_buffer("scales", scales.to(compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
         # the few-row kernel takes the same scales in fp32; None where it is off or not built here
-        own = int8_gemv.enabled and compute_dtype in (torch.bfloat16, torch.float32) and int8_gemv.available()
+        own = compute_dtype in (torch.bfloat16, torch.float32) and int8_gemv.off_reason() is None
         self.register_buffer("scales_fp32", self.scales.float() if own else None, persistent=False)
 
     @classmethod

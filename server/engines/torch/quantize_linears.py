@@ -101,18 +101,18 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
         build = lambda w, b: Int8Linear.from_linear(_linear(w, b), compute_dtype)  # noqa: E731
     else:
         build = lambda w, b: Int4Linear.from_linear(_linear(w, b), group_size, compute_dtype)  # noqa: E731
+    def keeps_full_precision(module: nn.Linear) -> bool:  # a width the kernel cannot (safely) take
+        if module is head or method == "int8":
+            return not _int8_kernel_safe(module.in_features, head_dtype if module is head else compute_dtype)
+        return module.in_features % group_size != 0
+
     before = sum(type(m) is nn.Linear for m in model.modules())
-    groups = fuse_projections(model, build, accept=lambda m: _int8_kernel_safe(m.in_features, compute_dtype)
-                              if method == "int8" else m.in_features % group_size == 0)
+    groups = fuse_projections(model, build, accept=lambda m: not keeps_full_precision(m))
     quantized, kept = before - sum(type(m) is nn.Linear for m in model.modules()), []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
-        if module is not head and method == "int4" and module.in_features % group_size:
-            kept.append(name)
-            continue
-        if (module is head or method == "int8") and not _int8_kernel_safe(
-                module.in_features, head_dtype if module is head else compute_dtype):
+        if keeps_full_precision(module):
             kept.append(name)
             continue
         with torch.no_grad():
@@ -133,7 +133,7 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
     fused = f"; q/k/v and gate/up fused ({groups} groups)" if groups else ""
     own = ""
     if method == "int8" or head is not None:  # int4's head is int8 too
-        own = (f"; up to {int8_gemv.MAX_ROWS} rows slimserve's int8_gemv" if int8_gemv.available() and
-               int8_gemv.enabled else f"; int8_gemv off: {int8_gemv.why_not() or 'SLIMSERVE_INT8_KERNEL=torch'}")
+        off = int8_gemv.off_reason()
+        own = f"; up to {int8_gemv.MAX_ROWS} rows slimserve's int8_gemv" if off is None else f"; int8_gemv off: {off}"
     return {"quantized": quantized, "kept": len(kept), "fused": groups,
             "kernel": f"aten.{op}, {str(compute_dtype).removeprefix('torch.')} activations{fused}{own}"}
