@@ -122,11 +122,21 @@ def _dtype_auto(gpus: list[dict[str, Any]]) -> dict[str, Any]:
 def _int8_decode_kernel() -> dict[str, Any]:
     """Whether load-time int8's decode rows run slimserve's own kernel here (builds it on first use)."""
     try:
-        from server.engines.torch import int8_gemv
+        from server.engines.torch import int8_gemv, native_build
     except Exception as exc:  # noqa: BLE001
         return {"runs": False, "why": f"{type(exc).__name__}: {exc}"}
     why = int8_gemv.off_reason()
-    return {"runs": why is None, "why": why, "cache": str(int8_gemv.CACHE), "max_rows": int8_gemv.MAX_ROWS}
+    return {"runs": why is None, "why": why, "cache": str(native_build.CACHE), "max_rows": int8_gemv.MAX_ROWS}
+
+
+def _decode_attention_kernel() -> dict[str, Any]:
+    """Whether the compiled decode step's attention runs slimserve's own kernel here (builds it on first use)."""
+    try:
+        from server.engines.torch import decode_attention, native_build
+    except Exception as exc:  # noqa: BLE001
+        return {"runs": False, "why": f"{type(exc).__name__}: {exc}"}
+    why = decode_attention.off_reason()
+    return {"runs": why is None, "why": why, "cache": str(native_build.CACHE)}
 
 
 def gather(cache_dir: Path | None = None) -> dict[str, Any]:
@@ -154,6 +164,7 @@ def gather(cache_dir: Path | None = None) -> dict[str, Any]:
         "gpus": gpus,
         "dtype_auto": _dtype_auto(gpus),
         "int8_decode_kernel": _int8_decode_kernel(),
+        "decode_attention_kernel": _decode_attention_kernel(),
         "packages": {name: _version(name) for name in PACKAGES},
         "vllm": kernels["vllm"] and {**kernels["vllm"], **{k: v for k, v in kernels.items() if k != "vllm"}},
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
@@ -189,6 +200,10 @@ def render(report: dict[str, Any]) -> str:
     section("int8 decode kernel (torch engine)", {"runs": f"slimserve int8_gemv, up to {k['max_rows']} rows "
                                                           f"(built in {k['cache']})" if k["runs"] else
                                                   f"torch's _weight_int8pack_mm: {k['why']}"})
+    a = report["decode_attention_kernel"]
+    section("decode attention kernel (torch engine, compiled decode)",
+            {"runs": f"slimserve decode_attention (built in {a['cache']})" if a["runs"] else
+             f"fp32 matmuls on converted copies: {a['why']}"})
     section("packages", {name: ver or "-" for name, ver in report["packages"].items()})
     v = report["vllm"]
     if not v:

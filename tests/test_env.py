@@ -46,6 +46,11 @@ def test_env_json_has_what_a_bug_report_needs(tmp_path):
 
     kernel = report["int8_decode_kernel"]
     assert kernel["runs"] == int8_gemv.available() and (kernel["why"] is None) == kernel["runs"]
+    from server.engines.torch import decode_attention  # the compiled step's attention kernel: the same
+
+    attention = report["decode_attention_kernel"]
+    assert attention["runs"] == (decode_attention.off_reason() is None) and attention["why"] == \
+        decode_attention.off_reason()
 
 
 def test_env_text(tmp_path, capsys):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engines.torch import int8_gemv
+from server.engines.torch import int8_gemv, native_build
 from server.engines.torch.int8_linear import Int8Linear
 
 pytestmark = pytest.mark.skipif(not int8_gemv.available(), reason=f"kernel not built: {int8_gemv.why_not()}")
@@ -70,19 +70,20 @@ def test_int8_linear_uses_it_for_few_rows_and_torchs_kernel_above(monkeypatch):
 
 
 def test_one_build_per_cpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(int8_gemv, "CACHE", tmp_path)
-    first = int8_gemv._build()
+    monkeypatch.setattr(native_build, "CACHE", tmp_path)
+    build = lambda: native_build.build("int8_gemv", int8_gemv.SOURCE)  # noqa: E731
+    first = build()
     built = first.stat().st_mtime_ns
-    assert int8_gemv._build() == first and first.parent == tmp_path
+    assert build() == first and first.parent == tmp_path
     assert first.stat().st_mtime_ns == built  # cached: not rebuilt
-    monkeypatch.setattr(int8_gemv, "_cpu_flags", lambda: "flags : fpu sse sse2 avx avx2")
-    other = int8_gemv._build()
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: "flags : fpu sse sse2 avx avx2")
+    other = build()
     assert other != first and sorted(p.name for p in tmp_path.glob("*.so")) == sorted([first.name, other.name])
 
 
 def test_no_compiler_leaves_torchs_kernel(monkeypatch, tmp_path):
-    monkeypatch.setattr(int8_gemv, "CACHE", tmp_path)
-    monkeypatch.setattr(int8_gemv, "_compiler", lambda: None)
+    monkeypatch.setattr(native_build, "CACHE", tmp_path)
+    monkeypatch.setattr(native_build, "compiler", lambda: None)
     int8_gemv._library.cache_clear()
     try:
         assert not int8_gemv.available() and "no C compiler" in int8_gemv.why_not()
@@ -100,8 +101,9 @@ def test_the_avx2_and_plain_c_paths_equal_the_dequantized_matmul(monkeypatch, tm
 
     if platform.machine() != "x86_64":
         pytest.skip("x86-64 targets")
-    monkeypatch.setattr(int8_gemv, "CACHE", tmp_path)
-    monkeypatch.setattr(int8_gemv, "FLAGS", [f"-march={march}" if f == "-march=native" else f for f in int8_gemv.FLAGS])
+    monkeypatch.setattr(native_build, "CACHE", tmp_path)
+    monkeypatch.setattr(native_build, "FLAGS",
+                        [f"-march={march}" if f == "-march=native" else f for f in native_build.FLAGS])
     int8_gemv._library.cache_clear()
     try:
         assert int8_gemv.available(), int8_gemv.why_not()

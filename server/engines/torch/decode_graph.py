@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engines.torch import linear_op
+from server.engines.torch import decode_attention, linear_op
 from server.engines.torch.attention import NAME as GROUPED
 from server.engines.torch.fused_projections import SharedProjection
 from server.engines.torch.lora import LoRALinear
@@ -70,6 +70,17 @@ class _Projections:
         return [linear_op.linear(x, s) for s in self.slots]
 
 
+def _allowed(mask: torch.Tensor, w: int) -> torch.Tensor:
+    """[b, 1, 1, w, length] bool: the 0/1 mask, causal inside the w new columns (query j sees the columns
+    up to its own); the same for every head of a group."""
+    length = mask.shape[-1]
+    allowed = mask[:, None, :]
+    if w > 1:
+        last = length - w + torch.arange(w, device=mask.device)
+        allowed = allowed & (torch.arange(length, device=mask.device)[None, None, :] <= last[None, :, None])
+    return allowed[:, None, None]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -89,6 +100,7 @@ class DecodeGraph:
         self.down = [linear_op.register(_base(l.mlp.down_proj)) for l in model.model.layers]
         self.head = linear_op.register(_base(model.lm_head))
         self.slots += self.out + self.down + [self.head]
+        self.own_attention = decode_attention.off_reason() is None  # else the matmul path (_attention)
 
     def release(self) -> None:
         linear_op.release(self.slots)
@@ -104,11 +116,7 @@ class DecodeGraph:
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, positions)
         cos, sin = cos[:, None], sin[:, None]
-        allowed = mask[:, None, :]  # [b, 1, length]
-        if w > 1:  # causal inside the new block: query j sees the columns up to its own
-            last = length - w + torch.arange(w, device=mask.device)
-            allowed = allowed & (torch.arange(length, device=mask.device)[None, None, :] <= last[None, :, None])
-        allowed = allowed[:, None, None]  # [b, 1, 1, w or 1, length]: the same for every head of a group
+        allowed = None if self.own_attention else _allowed(mask, w)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             q, k, v = self.attn[i](layer.input_layernorm(h))
@@ -119,8 +127,12 @@ class DecodeGraph:
             k = k * cos + _rotate_half(k) * sin
             keys[i].index_copy_(2, column, k)
             values[i].index_copy_(2, column, v)
-            h = h + linear_op.linear(self._attention(q, keys[i][:, :, :length], values[i][:, :, :length], allowed,
-                                                     attn.scaling), self.out[i])
+            k, v = keys[i][:, :, :length], values[i][:, :, :length]
+            if self.own_attention:
+                attended = decode_attention.op(q, k, v, mask, attn.scaling)
+            else:
+                attended = self._attention(q, k, v, allowed, attn.scaling)
+            h = h + linear_op.linear(attended, self.out[i])
             gate, up = self.gate_up[i](layer.post_attention_layernorm(h))
             h = h + linear_op.linear(layer.mlp.act_fn(gate) * up, self.down[i])
         return linear_op.linear(inner.norm(h), self.head)

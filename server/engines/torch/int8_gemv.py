@@ -7,14 +7,8 @@ from memory) ~26 GB/s, while oneDNN's bf16 matmul streams ~40 GB/s, so load-time
 the activations in fp32, four weight rows at a time so one activation load feeds four FMAs — plus
 software prefetch of the weight rows ahead, which is what made it pay (without it the same loop ran
 0.83-0.89x torch's kernel; with it 1.45-1.67x, ~38-44 GB/s). Written in C with AVX-512 or AVX2 intrinsics (plain C on
-other x86 targets) and compiled at first use with `-O3 -march=native` for this CPU's vector unit,
-into a cache folder named by the source, the compiler and the CPU's flags (a kernel built for one
-vector ISA is never loaded on another: see compiled_decode.use_isa_cache_dir for what that costs).
-
-It runs on torch's own OpenMP runtime (the process already holds `libgomp.so.1`, the name the kernel
-links against; checked at load: where the kernel would bind another runtime, e.g. a torch built with
-Intel's, it stays off, since two thread teams on the same cores stall each other) with torch's thread
-count, passed on each call. bf16 activations and outputs are
+other x86 targets), built for this CPU at first use (native_build.py), on torch's own OpenMP
+runtime with torch's thread count, passed on each call. bf16 activations and outputs are
 converted inside the kernel (round to nearest even), fp32 passes straight through; accumulation is
 fp32, as in torch's kernel. Rows above `MAX_ROWS` go to torch's kernel, which wins on bigger batches.
 Where no C compiler works, `available()` is False with the reason, and the layer keeps torch's kernel.
@@ -24,23 +18,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+
+from server.engines.torch import native_build
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 2  # measured crossover (tests/bench/int8_gemv.py): 1.45-1.67x at 1 row, 1.00-1.18x at 2, 0.75x at 4
 enabled = os.environ.get("SLIMSERVE_INT8_KERNEL", "own") != "torch"  # "torch": always torch's kernel (benches)
-CACHE = Path(os.environ.get("SLIMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "slimserve" / "kernels"))
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 
 SOURCE = r"""
 #include <stdint.h>
@@ -143,58 +131,11 @@ void slimserve_int8_gemv(const void *x, const int8_t *w, const float *scales, co
 """
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-
-
-def _build() -> Path:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc or $CC) on PATH")
-    about = subprocess.run([cc, "--version"], capture_output=True, timeout=30, check=True).stdout
-    version = about.decode(errors="replace").strip().splitlines()[:1] or [cc]
-    key = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), version[0], _cpu_flags()]).encode()).hexdigest()[:16]
-    target = CACHE / f"int8_gemv-{key}.so"
-    if target.exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        src = Path(tmp) / "int8_gemv.c"
-        src.write_text(SOURCE)
-        out = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.decode(errors='replace').strip()[-500:]}")
-        os.replace(out, target)  # atomic: a process beside this one sees the whole file or none
-    return target
-
-
-def _same_runtime(lib: ctypes.CDLL) -> bool:
-    """Whether the kernel's OpenMP calls resolve to the runtime torch loaded."""
-    from server.engines.torch.openmp import _runtime
-
-    torch_omp = _runtime()
-    address = lambda l: ctypes.cast(l.omp_get_max_threads, ctypes.c_void_p).value  # noqa: E731
-    return torch_omp is not None and address(lib) == address(torch_omp)
-
-
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | str:
     """The loaded kernel, or why there is none. Any failure leaves torch's kernel in place."""
     try:
-        lib = ctypes.CDLL(str(_build()))
-        if not _same_runtime(lib):
-            raise RuntimeError("the kernel would run on another OpenMP runtime than torch's")
+        lib = native_build.load("int8_gemv", SOURCE)
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot be had is never fatal
         log.warning("int8 decode kernel not built, torch's kernel runs instead: %s", exc)
         return f"{type(exc).__name__}: {exc}"
