@@ -38,9 +38,20 @@ def _inputs(dtype, b=4, q=1, k=37, heads=6, kv_heads=2, dim=16, seed=0):
     return query, key, value, mask
 
 
+@pytest.fixture(params=["own kernel", "matmuls"])
+def path(request, monkeypatch):
+    """Both arithmetic paths: slimserve's kernel (decode_attention.py) where it runs, and the fp32 matmuls."""
+    from server.engines.torch import decode_attention
+
+    if request.param == "own kernel" and decode_attention.off_reason() is not None:
+        pytest.skip(f"kernel off: {decode_attention.off_reason()}")
+    monkeypatch.setattr(decode_attention, "enabled", request.param == "own kernel")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("q", [1, 5])
-def test_equals_sdpa_with_a_bool_mask(dtype, tol, q):
+def test_equals_sdpa_with_a_bool_mask(dtype, tol, q, path):
     query, key, value, mask = _inputs(dtype, q=q)
     want, _ = sdpa_attention_forward(_Module(), query, key, value, mask)
     got, _ = grouped_attention(_Module(), query, key, value, mask, grouped_queries=q > 1)
@@ -48,7 +59,7 @@ def test_equals_sdpa_with_a_bool_mask(dtype, tol, q):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-def test_equals_sdpa_with_an_additive_mask_and_with_none():
+def test_equals_sdpa_with_an_additive_mask_and_with_none(path):
     query, key, value, mask = _inputs(torch.float32)
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     want, _ = sdpa_attention_forward(_Module(), query, key, value, mask)
@@ -59,7 +70,7 @@ def test_equals_sdpa_with_an_additive_mask_and_with_none():
     torch.testing.assert_close(got, want)
 
 
-def test_a_row_with_nothing_to_attend_to_stays_finite():
+def test_a_row_with_nothing_to_attend_to_stays_finite(path):
     """A padding query sees only padding: NaN there would reach every row through the next layer's keys."""
     query, key, value, mask = _inputs(torch.float32)
     mask[0] = False

@@ -6,7 +6,9 @@ CPU that fused kernel is slow at one query row, so at 16 rows half of a SmolLM2 
 copies plus that kernel (py-spy over a c=16 bench). Here the query heads of a group share their
 key/value head through a reshape and two batched matmuls in fp32 (the precision the fused kernel keeps
 inside), measured 5-6x faster per layer at 16 rows x 200 columns and ~2x at one row
-(tests/bench/attention_step.py). Prompt lookup's draft check (a few positions per row) runs here too,
+(tests/bench/attention_step.py). Where slimserve's own kernel runs (decode_attention.py: each cached key
+and value read once, converted in registers, no fp32 copies of the cache) and the mask is a bool one,
+that kernel does the same arithmetic instead. Prompt lookup's draft check (a few positions per row) runs here too,
 asked for by the runner. Prefill, a chunk over cached KV, and anything this does not model (dropout,
 soft-capping, sinks) go to transformers' own sdpa function: a prompt prefilled whole or as a chunk
 over its cached prefix then gets the same numbers as before, so prefix caching and chunking keep bf16
@@ -20,6 +22,8 @@ KL to the fp32 model is the same as sdpa's (tests/test_grouped_attention.py).
 from __future__ import annotations
 
 import torch
+
+from server.engines.torch import decode_attention
 
 NAME = "slimserve_grouped"
 MAX_QUERIES = 16  # the most query positions a draft check runs here (its scores are [b, heads, q, k] in fp32)
@@ -45,6 +49,10 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
                                       **kwargs)
     groups = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
+    padding = _padding_mask(attention_mask, b, k_len)
+    if padding is not None and query.dtype in (torch.bfloat16, torch.float32) and _own_kernel():
+        out = decode_attention.attend(query, key.to(query.dtype), value.to(query.dtype), padding, scale)
+        return out.view(b, q_len, heads, dim), None
     q = query.float().reshape(b, kv_heads, groups * q_len, dim)  # the heads of a group share their kv head
     scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, kv_heads, groups, q_len, k_len)
     scores.mul_(scale)
@@ -58,6 +66,21 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     probs = torch.softmax(scores, dim=-1).view(b, kv_heads, groups * q_len, k_len)
     out = torch.matmul(probs, value.float()).view(b, heads, q_len, value.shape[-1])
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _padding_mask(mask: torch.Tensor | None, rows: int, k_len: int) -> torch.Tensor | None:
+    """The [rows, k_len] 0/1 mask the kernel takes: the last query's row of a bool 4-D mask (the earlier
+    queries of a draft check see the same columns, causally, which the kernel applies itself), all ones
+    without a mask; None for an additive mask, whose values the kernel does not model."""
+    if mask is None:
+        return torch.ones((rows, k_len), dtype=torch.bool)
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    return mask[:, 0, -1, -k_len:].expand(rows, k_len)
+
+
+def _own_kernel() -> bool:
+    return decode_attention.off_reason() is None
 
 
 def use_grouped_attention(model) -> bool:
