@@ -160,18 +160,24 @@ static void softmax(float *p, int64_t n) {
    (b, h / (H / KVH), t < L); query j of a block of W sees the columns up to L - W + j and the mask's
    ones. Strides in elements, the last dimension contiguous. A task is (row, kv head, part of its group);
    its queries go four at a time, so every key and value vector loaded and converted feeds four. */
-void slimserve_decode_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out,
+int slimserve_decode_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out,
                                 int64_t B, int64_t H, int64_t KVH, int64_t W, int64_t L, int64_t D,
                                 int64_t qsb, int64_t qsh, int64_t qsw, int64_t ksb, int64_t ksh, int64_t kst,
                                 int64_t vsb, int64_t vsh, int64_t vst, int64_t msb,
                                 float scale, int bf16, int parts, int threads) {
     const int64_t G = H / KVH, GP = G / parts, tasks = B * KVH * parts, DV = D - D % VW;
     const size_t el = bf16 ? 2 : 4;
+    int failed = 0;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t b = task / (KVH * parts), kh = (task / parts) % KVH, g0 = (task % parts) * GP;
         const int64_t NQ = GP * W, NQ4 = (NQ + 3) / 4 * 4;
         float *qf = (float *)calloc(NQ4 * (D + L), sizeof(float));  /* queries in fp32, then scores */
+        if (!qf) {
+            #pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         float *s = qf + NQ4 * D;
         for (int64_t qi = 0; qi < NQ; qi++) {
             const int64_t h = kh * G + g0 + qi / W, j = qi % W;
@@ -243,6 +249,7 @@ void slimserve_decode_attention(const void *q, const void *k, const void *v, con
         }
         free(qf);
     }
+    return failed;  /* 1: out of memory for a task's scores (the output is then incomplete) */
 }
 """
 
@@ -256,7 +263,7 @@ def _library() -> ctypes.CDLL | str:
         log.warning("decode attention kernel not built, the matmul path runs instead: %s", exc)
         return f"{type(exc).__name__}: {exc}"
     fn = lib.slimserve_decode_attention
-    fn.restype = None
+    fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 16 + [ctypes.c_float] + [ctypes.c_int] * 3
     return lib
 
@@ -286,10 +293,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     threads = torch.get_num_threads()
     groups = heads // kv_heads
     parts = groups if b * kv_heads < 2 * threads else 1  # few (row, kv head) tasks: split each group's heads
-    _library().slimserve_decode_attention(
+    failed = _library().slimserve_decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), b, heads, kv_heads, w, length,
         dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask.stride(0), scale,
         int(q.dtype == torch.bfloat16), parts, threads)
+    if failed:
+        raise MemoryError(f"decode attention: no memory for the scores of {length} positions")
     return out
 
 
