@@ -11,7 +11,8 @@ import torch
 from server.engines.torch import int8_gemv, native_build
 from server.engines.torch.int8_linear import Int8Linear
 
-pytestmark = pytest.mark.skipif(not int8_gemv.available(), reason=f"kernel not built: {int8_gemv.why_not()}")
+# skipped only where it cannot be built at all; with a compiler, a build that fails fails these tests
+pytestmark = pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler")
 
 
 def _linear(in_f: int, out_f: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
@@ -25,6 +26,7 @@ def _linear(in_f: int, out_f: int, bias: bool, seed: int = 0) -> torch.nn.Linear
 @pytest.mark.parametrize("rows", [1, 3, int8_gemv.MAX_ROWS])
 @pytest.mark.parametrize("shape", [(576, 960), (100, 7), (1536, 577)])  # (in, out): out not a multiple of 4
 def test_equals_the_dequantized_matmul(dtype, rows, shape):
+    assert int8_gemv.available(), int8_gemv.why_not()
     layer = Int8Linear.from_linear(_linear(*shape, bias=False), dtype)
     x = torch.randn(rows, shape[0]).to(dtype)
     ref = x.float() @ layer.dequantized().t()

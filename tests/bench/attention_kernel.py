@@ -8,6 +8,8 @@ replaces in the compiled decode step (DecodeGraph._attention, compiled), side by
    same greedy tokens (bf16: a near tie may flip; fp32 keeps them).
 
     python -m tests.bench.attention_kernel [--dtype bfloat16] [--rows 1,4,16] [--lengths 64,256,1024]
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m tests.bench.attention_kernel --kernel-march x86-64-v3
+        # as an AVX2-only CPU runs it: torch dispatching AVX2, the kernel built for AVX2 + FMA
 
 Best of the reps (the machine is shared: the minimum is the speed when the CPU was ours); the medians
 are kept too. Writes tests/bench/figures/attention_kernel_smollm2.json and .png with the CPU (lscpu).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import time
 from pathlib import Path
@@ -24,8 +27,8 @@ from pathlib import Path
 import torch
 
 from server.default_model import DEFAULT_MODEL_ID
-from server.engines.torch import decode_attention
-from server.engines.torch.compiled_decode import CompiledDecode
+from server.engines.torch import decode_attention, native_build
+from server.engines.torch.compiled_decode import CompiledDecode, use_isa_cache_dir
 from server.engines.torch.decode_graph import DecodeGraph, _allowed
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.frame_headroom import run_with_headroom
@@ -136,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-rows", default="1,16")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--kernel-march", default="native", help="the kernel's -march (x86-64-v3: an AVX2-only CPU's)")
     ap.add_argument("--out", type=Path, default=FIGURES / "attention_kernel_smollm2.json")
     args = ap.parse_args(argv)
+    native_build.FLAGS = [f"-march={args.kernel_march}" if f.startswith("-march=") else f for f in native_build.FLAGS]
     if decode_attention.off_reason() is not None:
         raise SystemExit(f"the kernel does not run here: {decode_attention.off_reason()}")
+    use_isa_cache_dir()  # inductor's cache per vector ISA (the layer-level matmul path compiles too)
     cpu = describe()
     dtype = getattr(torch, args.dtype)
     print(f"CPU: {summary(cpu)}; {torch.get_num_threads()} thread(s), {args.dtype}", flush=True)
@@ -152,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{level['matmul_us']:7.1f} us ({level['speedup']:.2f}x)", flush=True)
     step = step_level(local_model(args.model), args.dtype, [int(r) for r in args.step_rows.split(",")], args.steps,
                       args.reps)
-    result = {"model": args.model, "cpu": cpu, "torch": torch.__version__, "dtype": args.dtype,
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    result = {"model": args.model, "cpu": cpu, "env": env, "kernel_march": args.kernel_march,
+              "torch": torch.__version__, "dtype": args.dtype,
               "threads": torch.get_num_threads(), "layer": layer, "step": step,
-              "load_avg_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
-              "command": f"python -m tests.bench.attention_kernel --dtype {args.dtype} --rows {args.rows} "
+              "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+              "command": " ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") +
+                         f"python -m tests.bench.attention_kernel --dtype {args.dtype} --rows {args.rows} "
                          f"--lengths {args.lengths} --step-rows {args.step_rows} --steps {args.steps} "
-                         f"--reps {args.reps}"}
+                         f"--reps {args.reps} --kernel-march {args.kernel_march}"}
     write_result(result, args.out, plot)
     return 0
 

@@ -119,7 +119,8 @@ static inline uint16_t to_bf16(float f) {
 #if VW == 16
 /* four vectors' sums as one 4-lane vector */
 static inline __m128 hsum4(vf a, vf b, vf c, vf d) {
-    #define HALF(x) _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
+    #define HALF(x) _mm256_add_ps(_mm512_castps512_ps256(x), \
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
     __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(HALF(a), HALF(b)), _mm256_hadd_ps(HALF(c), HALF(d)));
     #undef HALF
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
