@@ -39,12 +39,14 @@ def _matmul_path(q, k, v, mask, scale):
     return DecodeGraph._attention(q, k, v, _allowed(mask, q.shape[2]), scale)
 
 
+@pytest.mark.parametrize("parts", ["by threads", "one task a kv head", "one task a query head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_equals_the_matmul_path(shape, dtype):
+def test_equals_the_matmul_path(shape, dtype, parts):
     assert decode_attention.off_reason() is None
     q, k, v, mask = _case(*shape, dtype)
-    got = decode_attention.op(q, k, v, mask, 0.125)
+    split = {"by threads": None, "one task a kv head": 1, "one task a query head": shape[1] // shape[2]}[parts]
+    got = decode_attention.attend(q, k, v, mask, 0.125, parts=split)
     want = _matmul_path(q, k, v, mask, 0.125)
     assert got.shape == want.shape and got.dtype == dtype
     if dtype == torch.float32:
@@ -68,6 +70,10 @@ def test_bad_input_is_refused_with_the_reason():
         decode_attention.attend(q.bfloat16(), k, v, mask, 0.125)
     with pytest.raises(ValueError, match="shapes"):
         decode_attention.attend(q, k, v, mask[:, 1:], 0.125)
+    with pytest.raises(ValueError, match="shapes"):  # values of another head size (as MLA models have)
+        decode_attention.attend(q, k, v[..., :32], mask, 0.125)
+    with pytest.raises(ValueError, match="parts"):
+        decode_attention.attend(q, k, v, mask, 0.125, parts=2)
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA (the AVX2-only EPYC's path), plain C

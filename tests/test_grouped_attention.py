@@ -43,8 +43,10 @@ def path(request, monkeypatch):
     """Both arithmetic paths: slimserve's kernel (decode_attention.py) where it runs, and the fp32 matmuls."""
     from server.engines.torch import decode_attention
 
-    if request.param == "own kernel" and decode_attention.off_reason() is not None:
-        pytest.skip(f"kernel off: {decode_attention.off_reason()}")
+    from server.engines.torch import native_build
+
+    if request.param == "own kernel" and (native_build.compiler() is None or not decode_attention.enabled):
+        pytest.skip("no C compiler, or SLIMSERVE_ATTENTION_KERNEL=torch")
     monkeypatch.setattr(decode_attention, "enabled", request.param == "own kernel")
     return request.param
 
@@ -67,6 +69,23 @@ def test_equals_sdpa_with_an_additive_mask_and_with_none(path):
     torch.testing.assert_close(got, want)
     want, _ = sdpa_attention_forward(_Module(), query, key, value, None)
     got, _ = grouped_attention(_Module(), query, key, value, None)
+    torch.testing.assert_close(got, want)
+
+
+def test_masks_the_kernel_does_not_model_keep_the_matmuls(path):
+    """A draft check under a sliding window (its rows are not the last row cut causally) and values of
+    another head size than the queries' (MLA models) both equal sdpa on either path."""
+    query, key, value, mask = _inputs(torch.float32, q=5)
+    window = torch.ones(5, 37, dtype=torch.bool).tril(32) & ~torch.ones(5, 37, dtype=torch.bool).tril(32 - 8)
+    windowed = mask & window  # each query sees its last 8 positions
+    want, _ = sdpa_attention_forward(_Module(), query, key, value, windowed)
+    got, _ = grouped_attention(_Module(), query, key, value, windowed, grouped_queries=True)
+    torch.testing.assert_close(got, want)
+    query, key, value, mask = _inputs(torch.float32)
+    narrow = value[..., :8]
+    want, _ = sdpa_attention_forward(_Module(), query, key, narrow, mask)
+    got, _ = grouped_attention(_Module(), query, key, narrow, mask)
+    assert got.shape == (4, 1, 6, 8)
     torch.testing.assert_close(got, want)
 
 

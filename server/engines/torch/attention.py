@@ -49,8 +49,9 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
                                       **kwargs)
     groups = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
-    padding = _padding_mask(attention_mask, b, k_len)
-    if padding is not None and query.dtype in (torch.bfloat16, torch.float32) and _own_kernel():
+    padding = _padding_mask(attention_mask, b, q_len, k_len)
+    if padding is not None and query.dtype in (torch.bfloat16, torch.float32) and query.device.type == "cpu" \
+            and key.shape[-1] == value.shape[-1] == dim and _own_kernel():
         out = decode_attention.attend(query, key.to(query.dtype), value.to(query.dtype), padding, scale)
         return out.view(b, q_len, heads, dim), None
     q = query.float().reshape(b, kv_heads, groups * q_len, dim)  # the heads of a group share their kv head
@@ -68,15 +69,20 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _padding_mask(mask: torch.Tensor | None, rows: int, k_len: int) -> torch.Tensor | None:
-    """The [rows, k_len] 0/1 mask the kernel takes: the last query's row of a bool 4-D mask (the earlier
-    queries of a draft check see the same columns, causally, which the kernel applies itself), all ones
-    without a mask; None for an additive mask, whose values the kernel does not model."""
+def _padding_mask(mask: torch.Tensor | None, rows: int, q_len: int, k_len: int) -> torch.Tensor | None:
+    """The [rows, k_len] 0/1 mask the kernel takes: the last query's row of a bool 4-D mask, all ones without
+    a mask. The kernel rebuilds a draft check's earlier rows as that row cut causally; a mask whose rows are
+    not (a sliding window, chunked attention) and an additive mask return None: the matmuls model them."""
     if mask is None:
         return torch.ones((rows, k_len), dtype=torch.bool)
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return None
-    return mask[:, 0, -1, -k_len:].expand(rows, k_len)
+    last = mask[:, 0, -1, -k_len:].expand(rows, k_len)
+    if q_len > 1:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
+        if not torch.equal(mask[:, 0, -q_len:, -k_len:].expand(rows, q_len, k_len), last[:, None, :] & causal):
+            return None
+    return last
 
 
 def _own_kernel() -> bool:

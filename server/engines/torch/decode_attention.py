@@ -24,6 +24,7 @@ import ctypes
 import functools
 import logging
 import os
+import platform
 
 import torch
 
@@ -259,7 +260,8 @@ int slimserve_decode_attention(const void *q, const void *k, const void *v, cons
 def _library() -> ctypes.CDLL | str:
     """The loaded kernel, or why there is none (never fatal: the matmul path stays)."""
     try:
-        lib = native_build.load("decode_attention", SOURCE, libs=("-lmvec", "-lm"))
+        libs = ("-lmvec", "-lm") if platform.machine() in ("x86_64", "AMD64") else ("-lm",)  # vector exp: x86
+        lib = native_build.load("decode_attention", SOURCE, libs=libs)
     except Exception as exc:  # noqa: BLE001
         log.warning("decode attention kernel not built, the matmul path runs instead: %s", exc)
         return f"{type(exc).__name__}: {exc}"
@@ -277,15 +279,19 @@ def off_reason() -> str | None:
     return lib if isinstance(lib, str) else None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           parts: int | None = None) -> torch.Tensor:
     """q [b, heads, w, dim], k/v [b, kv_heads, length, dim] (views of the cache), mask [b, length] (bool or
-    0/1) -> [b, w, heads * dim] in q's dtype. Call only where off_reason() is None."""
+    0/1) -> [b, w, heads * dim] in q's dtype. Call only where off_reason() is None. `parts`: 1 (a task per
+    row and kv head) or the group size (a task per query head); by default chosen from the thread count."""
     b, heads, w, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"decode attention takes bf16 or fp32 alike, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if heads % kv_heads or mask.shape != (b, length) or v.shape[:3] != k.shape[:3]:
+    if heads % kv_heads or mask.shape != (b, length) or k.shape != (b, kv_heads, length, dim) or v.shape != k.shape:
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask {tuple(mask.shape)}")
+    if any(t.device.type != "cpu" for t in (q, k, v, mask)):
+        raise ValueError("decode attention runs on CPU tensors")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if mask.dtype not in (torch.bool, torch.uint8):  # bool is one 0/1 byte, read as is
         mask = mask.to(torch.uint8)
@@ -293,7 +299,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     out = torch.empty((b, w, heads * dim), dtype=q.dtype)
     threads = torch.get_num_threads()
     groups = heads // kv_heads
-    parts = groups if b * kv_heads < 2 * threads else 1  # few (row, kv head) tasks: split each group's heads
+    if parts is None:  # few (row, kv head) tasks for the threads: split each group's heads
+        parts = groups if b * kv_heads < 2 * threads else 1
+    if parts not in (1, groups):
+        raise ValueError(f"parts is 1 or the group size {groups}, not {parts}")
     failed = _library().slimserve_decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), b, heads, kv_heads, w, length,
         dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask.stride(0), scale,
