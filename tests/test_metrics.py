@@ -76,8 +76,10 @@ def test_refused_requests_count_by_status(server):
 
 
 def test_kv_cache_bytes_while_a_request_streams(server, client):
-    """slimserve_kv_cache_bytes{model} is the memory the cached tokens hold: above zero mid-stream."""
-    stream = client.completions.create(model=TINY, prompt="Hello there, how are you", max_tokens=120,
+    """slimserve_kv_cache_bytes{model} is the memory the cached tokens hold: above zero mid-stream. The
+    request asks for far more tokens than are read (a 120-token one could finish on the server before the
+    client read its 40th chunk, the KV already freed), and closing the stream then aborts it."""
+    stream = client.completions.create(model=TINY, prompt="Hello there, how are you", max_tokens=1500,
                                        stream=True, temperature=0, extra_body={"ignore_eos": True})
     seen = []
     for i, _ in enumerate(stream):
@@ -85,6 +87,9 @@ def test_kv_cache_bytes_while_a_request_streams(server, client):
             s = _samples(server.base_url)
             seen.append((_value(s, "slimserve_kv_cache_bytes", model=TINY),
                          _value(s, "slimserve_kv_cache_tokens", model=TINY)))
+        if i == 40:
+            break
+    stream.close()
     assert seen and all(nbytes > 0 for nbytes, _ in seen), seen
     assert all(tokens > 0 for _, tokens in seen), seen
 
