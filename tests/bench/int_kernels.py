@@ -4,8 +4,8 @@ oneDNN-prepacked weights with q/k/v and gate/up fused (the default), prepacked b
 packed kernels (fused the same way, or `-unfused`), and the older torchao / bitsandbytes path. A
 `-compiled` suffix runs the variant with `compile_decode` (compiled_decode.py), e.g. `int8-compiled`;
 its "x fp" ratio is then against the best compiled full-precision variant in the run. A `-torchkernel`
-suffix (before `-compiled`) runs int8 and int4 on torch's kernels at every row count instead of
-slimserve's own few-row kernels (int8_gemv.py, int4_gemv.py), switched per turn in the same process.
+suffix (before `-compiled`) runs int8 on torch's `_weight_int8pack_mm` at every row count instead of
+slimserve's own few-row kernel (int8_gemv.py), switched per turn in the same process.
 
     python -m tests.bench.int_kernels                 # SmolLM2-135M-Instruct, the embedded default
     python -m tests.bench.int_kernels --profile       # plus the top ops of a batch-1 decode per variant
@@ -30,7 +30,7 @@ import torch
 
 from server.default_model import DEFAULT_MODEL_ID
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
-from server.engines.torch import int4_gemv, int8_gemv
+from server.engines.torch import int8_gemv
 from server.engines.torch.engine import TorchEngine
 from tests.bench.models import local_model
 from tests.bench.machine import describe, summary
@@ -47,13 +47,11 @@ FULL = {"fp32": "float32", "bf16": "bfloat16"}
 def int8_kernel_for(variant: str):
     """slimserve's int8 decode kernel off while a `-torchkernel` variant runs (int8_gemv.enabled is read
     on every call), as it was afterwards."""
-    own = int8_gemv.enabled, int4_gemv.enabled
-    int8_gemv.enabled = own[0] and "-torchkernel" not in variant
-    int4_gemv.enabled = own[1] and "-torchkernel" not in variant
+    own, int8_gemv.enabled = int8_gemv.enabled, int8_gemv.enabled and "-torchkernel" not in variant
     try:
         yield
     finally:
-        int8_gemv.enabled, int4_gemv.enabled = own
+        int8_gemv.enabled = own
 
 
 def load(variant: str, path: str) -> TorchEngine:

@@ -5,9 +5,7 @@ Each group of `group_size` consecutive input weights of a row has its own scale 
 in the kernel's convention (asymmetric, zero point in the float domain):
     w ~= (q - 8) * scale + zero,   q in 0..15,   scale = (max - min) / 15,   zero = min + 8 * scale
 The kernel takes scales and zeros together as one [in / group, out, 2] tensor in the activation
-dtype. Like int8_linear.py: no child modules, public in_features/out_features (LoRA wraps it). Up to
-int4_gemv.MAX_ROWS bf16 rows (decode) run slimserve's own kernel on the same packed tensor where it
-reads this process's packing (int4_gemv.py: ~1.15x torch's kernel at one row, weights streamed).
+dtype. Like int8_linear.py: no child modules, public in_features/out_features (LoRA wraps it).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engines.torch import int4_gemv
 from server.engines.torch.packed_linear import PackedLinear
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
@@ -52,7 +49,6 @@ class Int4Linear(PackedLinear):
         both = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [in/group, out, 2]
         self.register_buffer("scales_and_zeros", both.to(compute_dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
-        self.own_kernel = int4_gemv.takes(self.out_features, compute_dtype)  # few rows: slimserve's kernel
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, compute_dtype: torch.dtype) -> "Int4Linear":
@@ -66,8 +62,6 @@ class Int4Linear(PackedLinear):
                                                           self.scales_and_zeros).float().t().contiguous()
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.own_kernel and x2.shape[0] <= int4_gemv.MAX_ROWS and int4_gemv.enabled and x2.dtype == torch.bfloat16:
-            return int4_gemv.gemv(x2, self.weight_int4, self.scales_and_zeros, self.group_size)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
