@@ -35,54 +35,25 @@ log = logging.getLogger(__name__)
 enabled = os.environ.get("SLIMSERVE_ATTENTION_KERNEL", "own") != "torch"
 
 SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <stdlib.h>
-#include <math.h>
-#include <float.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX512F__)
-#define VW 16
-typedef __m512 vf;
+/* the vector names this kernel adds to native_build.PRELUDE's */
+#if VW == 16
 extern __m512 _ZGVeN16v_expf(__m512);  /* glibc libmvec */
-static inline vf ldf(const float *p) { return _mm512_loadu_ps(p); }
-static inline void stf(float *p, vf v) { _mm512_storeu_ps(p, v); }
 static inline vf ldb(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-static inline vf set1(float x) { return _mm512_set1_ps(x); }
-static inline vf fma_(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf max_(vf a, vf b) { return _mm512_max_ps(a, b); }
-static inline vf add_(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf sub_(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf div_(vf a, vf b) { return _mm512_div_ps(a, b); }
-static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
 static inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 static inline vf exp_(vf v) { return _ZGVeN16v_expf(v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-#define VW 8
-typedef __m256 vf;
+#elif VW == 8
 extern __m256 _ZGVdN8v_expf(__m256);  /* glibc libmvec */
-static inline vf ldf(const float *p) { return _mm256_loadu_ps(p); }
-static inline void stf(float *p, vf v) { _mm256_storeu_ps(p, v); }
 static inline vf ldb(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static inline vf set1(float x) { return _mm256_set1_ps(x); }
-static inline vf fma_(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf max_(vf a, vf b) { return _mm256_max_ps(a, b); }
-static inline vf add_(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf sub_(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf div_(vf a, vf b) { return _mm256_div_ps(a, b); }
-static inline float hsum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 static inline float hmax(vf v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -91,18 +62,10 @@ static inline float hmax(vf v) {
 }
 static inline vf exp_(vf v) { return _ZGVdN8v_expf(v); }
 #else
-#define VW 1
-typedef float vf;
-static inline vf ldf(const float *p) { return *p; }
-static inline void stf(float *p, vf v) { *p = v; }
-static inline vf ldb(const uint16_t *p) { uint32_t u = (uint32_t)*p << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline vf set1(float x) { return x; }
-static inline vf fma_(vf a, vf b, vf c) { return a * b + c; }
+static inline vf ldb(const uint16_t *p) { return from_bf16(*p); }
 static inline vf max_(vf a, vf b) { return a > b ? a : b; }
-static inline vf add_(vf a, vf b) { return a + b; }
 static inline vf sub_(vf a, vf b) { return a - b; }
 static inline vf div_(vf a, vf b) { return a / b; }
-static inline float hsum(vf v) { return v; }
 static inline float hmax(vf v) { return v; }
 static inline vf exp_(vf v) { return expf(v); }
 #endif
@@ -110,13 +73,6 @@ static inline vf exp_(vf v) { return expf(v); }
 #define PF 16  /* prefetch the key/value rows this many positions ahead: the cache streams from memory */
 #define FLOOR (-FLT_MAX)  /* a masked score: finite, as in the matmul path */
 
-static inline float from_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 #if VW == 16
 /* four vectors' sums as one 4-lane vector */
 static inline __m128 hsum4(vf a, vf b, vf c, vf d) {

@@ -31,54 +31,17 @@ MAX_ROWS = 2  # measured crossover (tests/bench/int8_gemv.py): 1.45-1.67x at 1 r
 enabled = os.environ.get("SLIMSERVE_INT8_KERNEL", "own") != "torch"  # "torch": always torch's kernel (benches)
 
 SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <stdlib.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #define PF 16  /* prefetch this many weight rows ahead (what made the loop pay: 0.85x torch's kernel without) */
 
-/* the vector unit this compiler targets (-march=native): 16 floats, 8, or plain C */
-#if defined(__AVX512F__)
-#define VW 16
-typedef __m512 vf;
+/* VW int8 weights as fp32 (native_build.PRELUDE has the rest of the vector names) */
+#if VW == 16
 static inline vf cvt(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
-static inline vf ld(const float *p) { return _mm512_loadu_ps(p); }
-static inline vf fma_(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf zero(void) { return _mm512_setzero_ps(); }
-static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-#define VW 8
-typedef __m256 vf;
+#elif VW == 8
 static inline vf cvt(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
-static inline vf ld(const float *p) { return _mm256_loadu_ps(p); }
-static inline vf fma_(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vf zero(void) { return _mm256_setzero_ps(); }
-static inline float hsum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #else
-#define VW 1
-typedef float vf;
 static inline vf cvt(const int8_t *p) { return (float)*p; }
-static inline vf ld(const float *p) { return *p; }
-static inline vf fma_(vf a, vf b, vf c) { return a * b + c; }
-static inline vf zero(void) { return 0.f; }
-static inline float hsum(vf v) { return v; }
 #endif
 
-static inline float from_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 static inline void put(void *y, int bf16, int64_t i, float v) {
     if (bf16) ((uint16_t *)y)[i] = to_bf16(v); else ((float *)y)[i] = v;
 }
@@ -107,13 +70,13 @@ void slimserve_int8_gemv(const void *x, const int8_t *w, const float *scales, co
         const int64_t ahead = n + 4 + PF <= N ? PF * K : 0;
         for (int64_t m = 0; m < M; m++) {
             const float *xm = xf + m * K;
-            vf a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
+            vf a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t k = 0; k < KV; k += VW) {
                 if ((k & 63) == 0) {  /* one prefetch per cache line of each row, never past the last row */
                     __builtin_prefetch(w0 + k + ahead, 0, 3); __builtin_prefetch(w1 + k + ahead, 0, 3);
                     __builtin_prefetch(w2 + k + ahead, 0, 3); __builtin_prefetch(w3 + k + ahead, 0, 3);
                 }
-                vf xv = ld(xm + k);
+                vf xv = ldf(xm + k);
                 a0 = fma_(xv, cvt(w0 + k), a0); a1 = fma_(xv, cvt(w1 + k), a1);
                 a2 = fma_(xv, cvt(w2 + k), a2); a3 = fma_(xv, cvt(w3 + k), a3);
             }

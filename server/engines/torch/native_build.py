@@ -24,6 +24,61 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+# What every kernel's source starts with (`PRELUDE + source`): the vector unit this compiler targets
+# (-march=native: 16 floats with AVX-512, 8 with AVX2 + FMA, else plain C) behind one small set of
+# names, and bf16 <-> fp32 as torch rounds (to nearest even, NaN kept a NaN).
+PRELUDE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+#include <float.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+static inline vf ldf(const float *p) { return _mm512_loadu_ps(p); }
+static inline void stf(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf set1(float x) { return _mm512_set1_ps(x); }
+static inline vf fma_(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf add_(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vf;
+static inline vf ldf(const float *p) { return _mm256_loadu_ps(p); }
+static inline void stf(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf set1(float x) { return _mm256_set1_ps(x); }
+static inline vf fma_(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf add_(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline float hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+#define VW 1
+typedef float vf;
+static inline vf ldf(const float *p) { return *p; }
+static inline void stf(float *p, vf v) { *p = v; }
+static inline vf set1(float x) { return x; }
+static inline vf fma_(vf a, vf b, vf c) { return a * b + c; }
+static inline vf add_(vf a, vf b) { return a + b; }
+static inline float hsum(vf v) { return v; }
+#endif
+
+static inline float from_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+"""
 CACHE = Path(os.environ.get("SLIMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "slimserve" / "kernels"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 
@@ -43,8 +98,9 @@ def compiler() -> str | None:
 
 
 def build(name: str, source: str, libs: tuple[str, ...] = (), rebuild: bool = False) -> Path:
-    """The shared library of `source` for this CPU, built unless cached. `libs`: linker flags after the
-    source (e.g. "-lmvec")."""
+    """The shared library of PRELUDE + `source` for this CPU, built unless cached. `libs`: linker flags
+    after the source (e.g. "-lmvec")."""
+    source = PRELUDE + source
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (gcc or $CC) on PATH")
