@@ -8,6 +8,7 @@ probe, server/engines/vllm_kernels.py). Human-readable by default, `--json` for 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -119,24 +120,17 @@ def _dtype_auto(gpus: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _int8_decode_kernel() -> dict[str, Any]:
-    """Whether load-time int8's decode rows run slimserve's own kernel here (builds it on first use)."""
+def _native_kernel(module: str, **extra: Any) -> dict[str, Any]:
+    """Whether slimserve's own kernel in server.engines.torch.<module> runs here, or why not (builds it on
+    first use): the int8 decode matmul (int8_gemv) or the decode attention (decode_attention)."""
     try:
-        from server.engines.torch import int8_gemv, native_build
+        kernel = importlib.import_module(f"server.engines.torch.{module}")
+        from server.engines.torch import native_build
     except Exception as exc:  # noqa: BLE001
         return {"runs": False, "why": f"{type(exc).__name__}: {exc}"}
-    why = int8_gemv.off_reason()
-    return {"runs": why is None, "why": why, "cache": str(native_build.CACHE), "max_rows": int8_gemv.MAX_ROWS}
-
-
-def _decode_attention_kernel() -> dict[str, Any]:
-    """Whether the compiled decode step's attention runs slimserve's own kernel here (builds it on first use)."""
-    try:
-        from server.engines.torch import decode_attention, native_build
-    except Exception as exc:  # noqa: BLE001
-        return {"runs": False, "why": f"{type(exc).__name__}: {exc}"}
-    why = decode_attention.off_reason()
-    return {"runs": why is None, "why": why, "cache": str(native_build.CACHE)}
+    why = kernel.off_reason()
+    return {"runs": why is None, "why": why, "cache": str(native_build.CACHE),
+            **{key: getattr(kernel, name) for key, name in extra.items()}}
 
 
 def gather(cache_dir: Path | None = None) -> dict[str, Any]:
@@ -163,8 +157,8 @@ def gather(cache_dir: Path | None = None) -> dict[str, Any]:
         "torch": torch_info,
         "gpus": gpus,
         "dtype_auto": _dtype_auto(gpus),
-        "int8_decode_kernel": _int8_decode_kernel(),
-        "decode_attention_kernel": _decode_attention_kernel(),
+        "int8_decode_kernel": _native_kernel("int8_gemv", max_rows="MAX_ROWS"),
+        "decode_attention_kernel": _native_kernel("decode_attention"),
         "packages": {name: _version(name) for name in PACKAGES},
         "vllm": kernels["vllm"] and {**kernels["vllm"], **{k: v for k, v in kernels.items() if k != "vllm"}},
         "cache": {"dir": str(cache), "exists": cache.is_dir(),
