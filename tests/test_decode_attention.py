@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from server.engines.torch import decode_attention, native_build
-from server.engines.torch.decode_graph import DecodeGraph, _allowed
+from server.engines.torch.attention import allowed_columns
+from server.engines.torch.decode_graph import DecodeGraph
 
 # skipped only where it cannot be built at all; with a compiler, a build that fails fails these tests
 pytestmark = pytest.mark.skipif(native_build.compiler() is None or not decode_attention.enabled,
@@ -36,7 +37,7 @@ def _case(rows, heads, kv_heads, w, length, dim, dtype, seed=0):
 
 
 def _matmul_path(q, k, v, mask, scale):
-    return DecodeGraph._attention(q, k, v, _allowed(mask, q.shape[2]), scale)
+    return DecodeGraph._attention(q, k, v, allowed_columns(mask, q.shape[2]), scale)
 
 
 @pytest.mark.parametrize("parts", ["by threads", "one task a kv head", "one task a query head"])

@@ -28,8 +28,9 @@ import torch
 
 from server.default_model import DEFAULT_MODEL_ID
 from server.engines.torch import decode_attention, native_build
+from server.engines.torch.attention import allowed_columns
 from server.engines.torch.compiled_decode import CompiledDecode, use_isa_cache_dir
-from server.engines.torch.decode_graph import DecodeGraph, _allowed
+from server.engines.torch.decode_graph import DecodeGraph
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.frame_headroom import run_with_headroom
 from server.engines.torch.runner import ModelRunner
@@ -60,7 +61,7 @@ def layer_level(rows: int, length: int, dtype: torch.dtype, reps: int) -> dict:
         mask[r, :min(3 * r, length - 1)] = False
     caches = [tuple(torch.randn(rows, KV_HEADS, length + 64, DIM, generator=gen).to(dtype)[:, :, :length]
                     for _ in range(2)) for _ in range(LAYERS)]
-    matmuls = torch.compile(lambda q, k, v, m: DecodeGraph._attention(q, k, v, _allowed(m, 1), DIM ** -0.5))
+    matmuls = torch.compile(lambda q, k, v, m: DecodeGraph._attention(q, k, v, allowed_columns(m, 1), DIM ** -0.5))
     own = lambda k, v: decode_attention.op(q, k, v, mask, DIM ** -0.5)  # noqa: E731
     theirs = lambda k, v: matmuls(q, k, v, mask)  # noqa: E731
     calls = max(50, 20000 // (rows * length // 16 + 1))

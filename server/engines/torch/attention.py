@@ -78,11 +78,22 @@ def _padding_mask(mask: torch.Tensor | None, rows: int, q_len: int, k_len: int) 
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return None
     last = mask[:, 0, -1, -k_len:].expand(rows, k_len)
-    if q_len > 1:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
-        if not torch.equal(mask[:, 0, -q_len:, -k_len:].expand(rows, q_len, k_len), last[:, None, :] & causal):
-            return None
+    if q_len > 1 and not torch.equal(mask[:, 0, -q_len:, -k_len:].expand(rows, q_len, k_len),
+                                     allowed_columns(last, q_len)[:, 0, 0]):
+        return None
     return last
+
+
+def allowed_columns(mask: torch.Tensor, w: int) -> torch.Tensor:
+    """[b, 1, 1, w, length] bool: the [b, length] 0/1 mask, causal inside the w new columns (query j sees
+    the columns up to its own, length - w + j), as the kernel and the compiled step's matmuls apply it;
+    the same for every head of a group."""
+    length = mask.shape[-1]
+    allowed = mask[:, None, :]
+    if w > 1:
+        last = length - w + torch.arange(w, device=mask.device)
+        allowed = allowed & (torch.arange(length, device=mask.device)[None, None, :] <= last[None, :, None])
+    return allowed[:, None, None]
 
 
 def _own_kernel() -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from server.engines.torch import decode_attention, linear_op
-from server.engines.torch.attention import NAME as GROUPED
+from server.engines.torch.attention import NAME as GROUPED, allowed_columns
 from server.engines.torch.fused_projections import SharedProjection
 from server.engines.torch.lora import LoRALinear
 
@@ -70,17 +70,6 @@ class _Projections:
         return [linear_op.linear(x, s) for s in self.slots]
 
 
-def _allowed(mask: torch.Tensor, w: int) -> torch.Tensor:
-    """[b, 1, 1, w, length] bool: the 0/1 mask, causal inside the w new columns (query j sees the columns
-    up to its own); the same for every head of a group."""
-    length = mask.shape[-1]
-    allowed = mask[:, None, :]
-    if w > 1:
-        last = length - w + torch.arange(w, device=mask.device)
-        allowed = allowed & (torch.arange(length, device=mask.device)[None, None, :] <= last[None, :, None])
-    return allowed[:, None, None]
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -116,7 +105,7 @@ class DecodeGraph:
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, positions)
         cos, sin = cos[:, None], sin[:, None]
-        allowed = None if self.own_attention else _allowed(mask, w)
+        allowed = None if self.own_attention else allowed_columns(mask, w)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             q, k, v = self.attn[i](layer.input_layernorm(h))
