@@ -5,11 +5,10 @@ picks it where it runs. The compiled step's greedy tokens with it: tests/test_co
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
+from kernel_builds import MARCHES, built_for
 from server.engines.torch import decode_attention, native_build
 from server.engines.torch.attention import allowed_columns
 from server.engines.torch.decode_graph import DecodeGraph
@@ -77,23 +76,15 @@ def test_bad_input_is_refused_with_the_reason():
         decode_attention.attend(q, k, v, mask, 0.125, parts=2)
 
 
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA (the AVX2-only EPYC's path), plain C
+@pytest.mark.parametrize("march", MARCHES)
 def test_the_avx2_and_plain_c_builds_equal_the_matmul_path(monkeypatch, tmp_path, march):
-    if platform.machine() != "x86_64":
-        pytest.skip("x86-64 targets")
-    monkeypatch.setattr(native_build, "CACHE", tmp_path)
-    monkeypatch.setattr(native_build, "FLAGS",
-                        [f"-march={march}" if f == "-march=native" else f for f in native_build.FLAGS])
-    decode_attention._library.cache_clear()
-    try:
+    with built_for(march, decode_attention, monkeypatch, tmp_path):
         assert decode_attention.off_reason() is None
         for shape in SHAPES[2:]:
             for dtype in (torch.float32, torch.bfloat16):
                 q, k, v, mask = _case(*shape, dtype)
                 got, want = decode_attention.attend(q, k, v, mask, 0.125), _matmul_path(q, k, v, mask, 0.125)
                 assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-5).all()
-    finally:
-        decode_attention._library.cache_clear()
 
 
 def test_the_compiled_step_uses_it_unless_switched_off(tiny_model_dir, monkeypatch):

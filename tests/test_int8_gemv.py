@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_builds import MARCHES, built_for
 from server.engines.torch import int8_gemv, native_build
 from server.engines.torch.int8_linear import Int8Linear
 
@@ -97,17 +98,9 @@ def test_no_compiler_leaves_torchs_kernel(monkeypatch, tmp_path):
         int8_gemv._library.cache_clear()
 
 
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 + FMA (the AVX2-only EPYC's path), plain C
+@pytest.mark.parametrize("march", MARCHES)
 def test_the_avx2_and_plain_c_paths_equal_the_dequantized_matmul(monkeypatch, tmp_path, march):
-    import platform
-
-    if platform.machine() != "x86_64":
-        pytest.skip("x86-64 targets")
-    monkeypatch.setattr(native_build, "CACHE", tmp_path)
-    monkeypatch.setattr(native_build, "FLAGS",
-                        [f"-march={march}" if f == "-march=native" else f for f in native_build.FLAGS])
-    int8_gemv._library.cache_clear()
-    try:
+    with built_for(march, int8_gemv, monkeypatch, tmp_path):
         assert int8_gemv.available(), int8_gemv.why_not()
         for in_f in (1536, 100):  # 100: the vector loop's remainder too
             layer = Int8Linear.from_linear(_linear(in_f, 577, bias=False), torch.float32)
@@ -115,5 +108,3 @@ def test_the_avx2_and_plain_c_paths_equal_the_dequantized_matmul(monkeypatch, tm
             own = int8_gemv.gemv(x, layer.weight_int8, layer.scales_fp32, None)
             ref = x @ layer.dequantized().t()
             assert (own - ref).abs().max() <= 1e-5 * ref.abs().max()
-    finally:
-        int8_gemv._library.cache_clear()
