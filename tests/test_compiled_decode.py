@@ -158,12 +158,14 @@ def test_draft_checks_compiled_keep_the_eager_engines_tokens(tmp_path):
     assert got == want
 
 
-def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["kernel", "matmuls"])
+def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir, attention):
     """The w-position graph against the eager draft check on the random tiny model (fp32): rows of unequal
-    drafts (right-padded), each settle keeping a different number of columns per row, then more checks
+    drafts (right-padded for eager, packed for the graph), each settle keeping a different number of columns per row, then more checks
     and a plain step over the caches both paths left: logits at every fed position agree."""
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
     compiled = CompiledDecode(engine.model, drafts=True)
+    compiled.graph.own_attention = compiled.graph.own_attention and attention == "kernel"
     compiled.warm_up(ModelRunner(engine.model, engine.device, 0))
     gen = torch.Generator().manual_seed(3)
     for n_rows in (1, 3):
@@ -177,9 +179,11 @@ def test_compiled_draft_checks_equal_the_eager_checks(tiny_model_dir):
             for step, width in enumerate((2, 5, 3, 4)):
                 fed = [torch.randint(3, 300, (max(1, width - i),), generator=gen).tolist() for i in range(n_rows)]
                 kept = [1 + (step + i) % len(f) for i, f in enumerate(fed)]
-                eager, graph = (r.verify(fed, positions, compiled=use) for r, use in zip(runners, (False, True)))
+                (eager, e_at), (graph, g_at) = (r.verify(fed, positions, compiled=use)
+                                                for r, use in zip(runners, (False, True)))
+                assert graph.shape[0] == sum(map(len, fed)) < eager.shape[0] or n_rows == 1  # packed: fed tokens only
                 for i, f in enumerate(fed):
-                    torch.testing.assert_close(graph[i, :len(f)], eager[i, :len(f)], rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(graph[g_at[i, :len(f)]], eager[e_at[i, :len(f)]], rtol=1e-4, atol=1e-4)
                 for runner in runners:
                     runner.settle(kept, len(fed[0]))
                 positions = [p + k for p, k in zip(positions, kept)]

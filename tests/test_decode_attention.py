@@ -64,6 +64,21 @@ def test_a_row_with_nothing_to_attend_to_stays_finite_as_the_matmul_path():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_draft_checks_padding_is_skipped_and_the_fed_positions_are_unchanged(dtype, parts):
+    """skip_padding: row 0 fed 4 positions, row 1 two and row 2 one (their last new columns masked, as
+    runner.verify leaves a shorter row): fed positions equal the call without skipping, padding is zeros."""
+    q, k, v, mask = _case(3, 9, 3, 4, 33, 64, dtype)
+    mask[1, -2:] = False
+    mask[2, -3:] = False
+    full = decode_attention.attend(q, k, v, mask, 0.125, parts=parts)
+    got = decode_attention.op(q, k, v, mask, 0.125, True)
+    fed = mask[:, -4:]
+    assert torch.equal(got[fed], full[fed]) and fed.sum() == 7
+    assert (got[~fed] == 0).all() and (full[~fed] != 0).any()
+
+
 def test_bad_input_is_refused_with_the_reason():
     q, k, v, mask = _case(2, 9, 3, 1, 12, 64, torch.float32)
     with pytest.raises(ValueError, match="bf16 or fp32"):

@@ -193,6 +193,13 @@ def test_width_follows_cost_and_acceptance():
     assert choose_width(drafts, [0.3, 0.3], ratio=1.0) == 0  # costly tokens, poor drafts: none
     assert choose_width(drafts, [0.9, 0.9], ratio=1.0) == 2  # good drafts pay even so, up to a point
     assert choose_width([[1, 2, 3, 4]] + [[]] * 15, [0.9] + [0.0] * 15, ratio=1 / 32) == 0  # one row of 16
+    from server.engines.torch.prompt_lookup import choose_widths  # each row fed only its own draft
+
+    assert choose_widths(drafts, [0.9, 0.9], ratio=0.0) == [4, 4]
+    assert choose_widths(drafts, [0.3, 0.3], ratio=1.0) == [0, 0]
+    assert choose_widths(drafts, [0.9, 0.3], ratio=0.2) == [4, 0]  # each row on its own acceptance
+    assert choose_widths([[1, 2, 3, 4]] + [[]] * 15, [0.9] + [0.0] * 15, ratio=1 / 32) == [4] + [0] * 15
+    assert choose_widths([[1, 2], [1, 2, 3, 4]], [0.9, 0.9], ratio=0.0) == [2, 4]
     cost = StepCost()
     for n, t in [(1, 0.05), (5, 0.06), (16, 0.08), (80, 0.21), (1, 0.05), (16, 0.08)]:
         cost.observe(n, t)

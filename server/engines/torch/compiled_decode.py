@@ -91,17 +91,20 @@ class CompiledDecode:
             runner.join(runner.prefill([[runner.pad_id] * 4] * rows)[1])
             for step in range(2):  # a second step: the length moves (and the width: dynamic, no new graph)
                 w = width + step if width > 1 else 1
+                live = None if w == 1 else torch.tensor([r * w + j for r in range(rows) for j in range(w - r % 2)])
                 self._call(runner, [[runner.pad_id] * w] * rows, [[4 + step * 3 + j for j in range(w)]] * rows,
-                           strict=False)
+                           strict=False, live=live)
             runner.clear()
 
-    def step(self, runner, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    def step(self, runner, ids: torch.Tensor, positions: torch.Tensor,
+             live: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [rows, width, vocab] of one step over runner's cache and mask (the new columns already
         in the mask; width 1: a decode step, more: a draft check, only when compiled with `drafts`), or
-        None when the compiled step cannot run it (the caller runs it eagerly)."""
+        None when the compiled step cannot run it (the caller runs it eagerly). A draft check passes
+        `live`, the flat indices of the tokens fed (DecodeGraph), and gets their logits [len(live), vocab]."""
         draft = ids.shape[1] > 1
         try:
-            logits = self._call(runner, ids, positions, strict=True)
+            logits = self._call(runner, ids, positions, strict=True, live=live)
             self.steps += 1
             self.draft_steps += draft
             return logits
@@ -116,14 +119,14 @@ class CompiledDecode:
                         self.last_error.splitlines()[0])
             return None
 
-    def _call(self, runner, ids, positions, strict: bool) -> torch.Tensor:
+    def _call(self, runner, ids, positions, strict: bool, live: torch.Tensor | None = None) -> torch.Tensor:
         if not torch.is_tensor(ids):  # warm-up: token lists, and the mask grows here as the runner grows it
             ids, positions = torch.tensor(ids), torch.tensor(positions)
             runner.mask = torch.cat([runner.mask, runner.mask.new_ones(ids.shape)], dim=1)
         cache = runner.cache
         width = ids.shape[1]
         keys, values, column = cache.step_buffers(width)
-        args = (ids, positions, runner.mask.bool(), keys, values, torch.arange(column, column + width))
+        args = (ids, positions, runner.mask.bool(), keys, values, torch.arange(column, column + width), live)
         if strict:  # inference mode always: a grad-mode guard must not split the warm-up's graphs from the steps'
             with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
                 logits = self._step(*args)
@@ -157,7 +160,7 @@ def use_isa_cache_dir() -> str:
     return folder
 
 
-def _mark_dynamic(ids, positions, mask, keys, values, column) -> None:
+def _mark_dynamic(ids, positions, mask, keys, values, column, live) -> None:
     """Only the batch's sizes vary: rows (above one), the mask's length and the buffers' capacity. Every
     model dimension stays a constant (all-dynamic shapes took over 6 minutes of symbolic simplification
     on SmolLM2's 30 layers, and generate slower code)."""
@@ -168,6 +171,8 @@ def _mark_dynamic(ids, positions, mask, keys, values, column) -> None:
     if ids.shape[1] > 1:  # a draft check: its width varies too
         for t in (ids, positions, column):
             torch._dynamo.mark_dynamic(t, t.dim() - 1)
+    if live is not None:  # the tokens a draft check really feeds
+        torch._dynamo.mark_dynamic(live, 0)
     torch._dynamo.mark_dynamic(mask, 1)
     for t in (*keys, *values):
         torch._dynamo.mark_dynamic(t, 2)

@@ -122,27 +122,32 @@ int slimserve_decode_attention(const void *q, const void *k, const void *v, cons
                                 int64_t B, int64_t H, int64_t KVH, int64_t W, int64_t L, int64_t D,
                                 int64_t qsb, int64_t qsh, int64_t qsw, int64_t ksb, int64_t ksh, int64_t kst,
                                 int64_t vsb, int64_t vsh, int64_t vst, int64_t msb,
-                                float scale, int bf16, int parts, int threads) {
+                                float scale, int bf16, int parts, int skip, int threads) {
     const int64_t G = H / KVH, GP = G / parts, tasks = B * KVH * parts, DV = D - D % VW;
     const size_t el = bf16 ? 2 : 4;
     int failed = 0;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t b = task / (KVH * parts), kh = (task / parts) % KVH, g0 = (task % parts) * GP;
-        const int64_t NQ = GP * W, NQ4 = (NQ + 3) / 4 * 4;
-        float *qf = (float *)calloc(NQ4 * (D + L), sizeof(float));  /* queries in fp32, then scores */
+        const uint8_t *mrow = mask + b * msb;
+        /* qm: the task's queries (head in group * W + position); with skip, a new position whose own column
+           is masked is padding (a draft check's shorter row) and is left out: its output stays as it was */
+        int64_t *qm = (int64_t *)malloc(GP * W * sizeof(int64_t)), NQ = 0;
+        float *qf = qm ? (float *)calloc(((GP * W + 3) / 4 * 4) * (D + L), sizeof(float)) : NULL;  /* queries, then scores */
         if (!qf) {
+            free(qm);
             #pragma omp atomic write
             failed = 1;
             continue;
         }
-        float *s = qf + NQ4 * D;
+        for (int64_t qi = 0; qi < GP * W; qi++)
+            if (!skip || mrow[L - W + qi % W]) qm[NQ++] = qi;
+        float *s = qf + ((NQ + 3) / 4 * 4) * D;
         for (int64_t qi = 0; qi < NQ; qi++) {
-            const int64_t h = kh * G + g0 + qi / W, j = qi % W;
+            const int64_t h = kh * G + g0 + qm[qi] / W, j = qm[qi] % W;
             const char *src = (const char *)q + (b * qsb + h * qsh + j * qsw) * el;
             for (int64_t d = 0; d < D; d++) qf[qi * D + d] = getx(src, d, bf16);
         }
-        const uint8_t *mrow = mask + b * msb;
         const char *kb = (const char *)k + (b * ksb + kh * ksh) * el, *vb = (const char *)v + (b * vsb + kh * vsh) * el;
         for (int64_t q0 = 0; q0 < NQ; q0 += 4) {  /* scores, four queries a pass */
             const float *f0 = qf + q0 * D, *f1 = f0 + D, *f2 = f1 + D, *f3 = f2 + D;
@@ -166,7 +171,7 @@ int slimserve_decode_attention(const void *q, const void *k, const void *v, cons
                     sums[0] += f0[d] * kd; sums[1] += f1[d] * kd; sums[2] += f2[d] * kd; sums[3] += f3[d] * kd;
                 }
                 for (int64_t i = q0; i < NQ && i < q0 + 4; i++)
-                    s[i * L + t] = t > L - W + i % W ? FLOOR : sums[i - q0] * scale;
+                    s[i * L + t] = t > L - W + qm[i] % W ? FLOOR : sums[i - q0] * scale;
             }
         }
         for (int64_t qi = 0; qi < NQ; qi++) softmax(s + qi * L, L);
@@ -197,7 +202,7 @@ int slimserve_decode_attention(const void *q, const void *k, const void *v, cons
                     }
                 }
                 for (int64_t i = q0; i < NQ && i < q0 + 4; i++) {
-                    const int64_t h = kh * G + g0 + i / W, j = i % W, base = (b * W + j) * H * D + h * D + d;
+                    const int64_t h = kh * G + g0 + qm[i] / W, j = qm[i] % W, base = (b * W + j) * H * D + h * D + d;
                     for (int64_t e = 0; e < n; e++) {
                         if (bf16) ((uint16_t *)out)[base + e] = to_bf16(o[i - q0][e]);
                         else ((float *)out)[base + e] = o[i - q0][e];
@@ -206,6 +211,7 @@ int slimserve_decode_attention(const void *q, const void *k, const void *v, cons
             }
         }
         free(qf);
+        free(qm);
     }
     return failed;  /* 1: out of memory for a task's scores (the output is then incomplete) */
 }
@@ -223,7 +229,7 @@ def _library() -> ctypes.CDLL | str:
         return f"{type(exc).__name__}: {exc}"
     fn = lib.slimserve_decode_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 16 + [ctypes.c_float] + [ctypes.c_int] * 3
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 16 + [ctypes.c_float] + [ctypes.c_int] * 4
     return lib
 
 
@@ -236,10 +242,12 @@ def off_reason() -> str | None:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-           parts: int | None = None) -> torch.Tensor:
+           skip_padding: bool = False, parts: int | None = None) -> torch.Tensor:
     """q [b, heads, w, dim], k/v [b, kv_heads, length, dim] (views of the cache), mask [b, length] (bool or
-    0/1) -> [b, w, heads * dim] in q's dtype. Call only where off_reason() is None. `parts`: 1 (a task per
-    row and kv head) or the group size (a task per query head); by default chosen from the thread count."""
+    0/1) -> [b, w, heads * dim] in q's dtype. Call only where off_reason() is None. `skip_padding`: a new
+    position whose own mask column is 0 (a shorter row of a draft check) is not computed; its output is
+    zeros. `parts`: 1 (a task per row and kv head) or the group size (a task per query head); by default
+    chosen from the thread count."""
     b, heads, w, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     if q.dtype not in (torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -252,7 +260,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask.dtype not in (torch.bool, torch.uint8):  # bool is one 0/1 byte, read as is
         mask = mask.to(torch.uint8)
     mask = mask.contiguous()
-    out = torch.empty((b, w, heads * dim), dtype=q.dtype)
+    out = (torch.zeros if skip_padding and w > 1 else torch.empty)((b, w, heads * dim), dtype=q.dtype)
     threads = torch.get_num_threads()
     groups = heads // kv_heads
     if parts is None:  # few (row, kv head) tasks for the threads: split each group's heads
@@ -262,7 +270,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     failed = _library().slimserve_decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), b, heads, kv_heads, w, length,
         dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask.stride(0), scale,
-        int(q.dtype == torch.bfloat16), parts, threads)
+        int(q.dtype == torch.bfloat16), parts, int(skip_padding and w > 1), threads)
     if failed:
         raise MemoryError(f"decode attention: no memory for the scores of {length} positions")
     return out
@@ -270,8 +278,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 # the kernel as one op of a compiled graph (as linear_op.py: a Meta kernel gives the traced shape)
 _LIB = torch.library.Library("slimserve", "FRAGMENT")
-_LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor")
+_LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, bool skip_padding=False) -> Tensor")
 _LIB.impl("attention", attend, "CPU")
-_LIB.impl("attention", lambda q, k, v, mask, scale: q.new_empty((q.shape[0], q.shape[2], q.shape[1] * q.shape[3])),
-          "Meta")
+_LIB.impl("attention", lambda q, k, v, mask, scale, skip_padding=False: q.new_empty(
+    (q.shape[0], q.shape[2], q.shape[1] * q.shape[3])), "Meta")
 op = torch.ops.slimserve.attention.default

@@ -95,36 +95,57 @@ class DecodeGraph:
         linear_op.release(self.slots)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
-                 values: list[torch.Tensor], column: torch.Tensor) -> torch.Tensor:
+                 values: list[torch.Tensor], column: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions [b, w] (w = 1: a decode step; w > 1: prompt lookup's draft check, each row's last
         token and draft); mask [b, length] bool, the w new columns included; keys/values per layer
         [b, kv_heads, capacity >= length, dim], written at `column` ([w]: length - w .. length - 1).
-        -> logits [b, w, vocab]."""
+        -> logits [b, w, vocab]. `live` (a draft check whose rows differ in width): the flat indices
+        (row * w + position) of the tokens really fed; only those go through the linears (a shorter row's
+        padding is neither multiplied nor attended from) and the logits are theirs, [len(live), vocab]."""
         inner = self.model.model
         b, w, length = ids.shape[0], ids.shape[1], mask.shape[-1]
-        h = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(h, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        if live is None:
+            h = inner.embed_tokens(ids)
+            cos, sin = inner.rotary_emb(h, positions)
+            cos, sin = cos[:, None], sin[:, None]  # [b, 1, w, dim]
+        else:  # packed: the rows' tokens one after another, [n, hidden]
+            h = inner.embed_tokens(ids.reshape(-1)[live])
+            cos, sin = inner.rotary_emb(h, positions.reshape(-1)[live][None])
+            cos, sin = cos[0][:, None], sin[0][:, None]  # [n, 1, dim]
         allowed = None if self.own_attention else allowed_columns(mask, w)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             q, k, v = self.attn[i](layer.input_layernorm(h))
-            q = q.view(b, w, -1, attn.head_dim).transpose(1, 2)
-            k = k.view(b, w, -1, attn.head_dim).transpose(1, 2)
-            v = v.view(b, w, -1, attn.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = (self._heads(x, attn.head_dim, b, w, live) for x in (q, k, v))
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            if live is not None:
+                q, k, v = (self._unpack(x, live, b, w) for x in (q, k, v))
             keys[i].index_copy_(2, column, k)
             values[i].index_copy_(2, column, v)
             k, v = keys[i][:, :, :length], values[i][:, :, :length]
             if self.own_attention:
-                attended = decode_attention.op(q, k, v, mask, attn.scaling)
+                attended = decode_attention.op(q, k, v, mask, attn.scaling, live is not None)
             else:
                 attended = self._attention(q, k, v, allowed, attn.scaling)
+            if live is not None:
+                attended = attended.reshape(b * w, -1).index_select(0, live)
             h = h + linear_op.linear(attended, self.out[i])
             gate, up = self.gate_up[i](layer.post_attention_layernorm(h))
             h = h + linear_op.linear(layer.mlp.act_fn(gate) * up, self.down[i])
         return linear_op.linear(inner.norm(h), self.head)
+
+    @staticmethod
+    def _heads(x: torch.Tensor, dim: int, b: int, w: int, live: torch.Tensor | None) -> torch.Tensor:
+        """A projection's output split in heads: [b, heads, w, dim], or packed [n, heads, dim]."""
+        if live is not None:
+            return x.view(x.shape[0], -1, dim)
+        return x.view(b, w, -1, dim).transpose(1, 2)
+
+    @staticmethod
+    def _unpack(x: torch.Tensor, live: torch.Tensor, b: int, w: int) -> torch.Tensor:
+        """Packed [n, heads, dim] -> [b, heads, w, dim], zeros where a row fed nothing."""
+        padded = x.new_zeros((b * w, x.shape[1], x.shape[2])).index_copy(0, live, x)
+        return padded.view(b, w, x.shape[1], x.shape[2]).transpose(1, 2)
 
     @staticmethod
     def _attention(q, k, v, allowed, scale) -> torch.Tensor:

@@ -8,9 +8,11 @@ have produced, plus the model's own next token, so greedy output is unchanged.
 How many tokens a row proposes follows its measured acceptance: all accepted -> one more (up to
 num_speculative_tokens), some rejected -> as many as were accepted plus one. A row whose acceptance
 stays low stops proposing, and retries after a cool-down that doubles each time it fails again, so
-speculation costs next to nothing where the text does not repeat. The batch is one dense forward, so
-every row pays for the widest draft: `StepCost` times the engine's forwards and `choose_width` cuts
-the drafts to the width with the most expected tokens per second. Pure Python, no torch.
+speculation costs next to nothing where the text does not repeat. `StepCost` times the engine's
+forwards. Where the draft check is one dense forward (eager), every row pays for the widest draft and
+`choose_width` cuts the drafts to the one width with the most expected tokens per second; where it
+feeds each row only its own tokens (the compiled step), `choose_widths` cuts each row's draft on its
+own. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -149,3 +151,22 @@ def choose_width(drafts: list[list[int]], chances: list[float], ratio: float) ->
         if rate > best_rate:
             best, best_rate = width, rate
     return best
+
+
+def choose_widths(drafts: list[list[int]], chances: list[float], ratio: float) -> list[int]:
+    """Each row's number of draft tokens when a forward costs 1 + ratio * (tokens fed) and each row is fed
+    only its own: the draft tokens are taken in order of their chance of being accepted (row i's token j:
+    p_i^j, falling with j, so each row keeps a prefix), as many as maximise expected tokens per cost."""
+    rows = len(drafts)
+    gains = sorted(((p ** j, j, i) for i, (d, p) in enumerate(zip(drafts, chances)) for j in range(1, len(d) + 1)),
+                   key=lambda g: (-g[0], g[1]))
+    expected, best, best_rate = float(rows), 0, rows / (1 + ratio * rows)
+    for n, (gain, _, _) in enumerate(gains, start=1):
+        expected += gain
+        rate = expected / (1 + ratio * (rows + n))
+        if rate > best_rate:
+            best, best_rate = n, rate
+    widths = [0] * rows
+    for _, j, i in gains[:best]:
+        widths[i] = max(widths[i], j)
+    return widths

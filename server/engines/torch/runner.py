@@ -90,11 +90,13 @@ class ModelRunner:
                          use_cache=True)
         return out.logits[:, -1, :]
 
-    def verify(self, rows: list[list[int]], positions: list[int], compiled: bool = True) -> torch.Tensor:
-        """One step that feeds each row its last token and its draft (prompt lookup): logits [rows, width,
-        vocab] at every fed position. Shorter rows are right-padded (masked); `settle` then keeps, per
-        row, only the columns of the tokens it accepted. `compiled`: the compiled step may run it (when
-        it was compiled for draft checks)."""
+    def verify(self, rows: list[list[int]], positions: list[int], compiled: bool = True):
+        """One step that feeds each row its last token and its draft (prompt lookup). Returns the logits
+        of every fed position [fed, vocab] and where row i's position j sits in them ([rows, width]; a
+        position past a row's own length points at nothing meaningful). Shorter rows are right-padded
+        (masked); `settle` then keeps, per row, only the columns of the tokens it accepted. `compiled`:
+        the compiled step may run it (when it was compiled for draft checks); it feeds only the real
+        tokens, so a row pays for its own draft, not the widest (`packs_drafts`)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         fed = torch.zeros((len(rows), width), dtype=self.mask.dtype)
@@ -104,14 +106,21 @@ class ModelRunner:
             fed[i, :len(r)] = 1
             pos[i] = torch.arange(p, p + width).clamp(max=p + len(r) - 1)  # padding never past the context
         self.mask = torch.cat([self.mask, fed.to(self.device)], dim=1)
-        if compiled and self.compiled is not None and self.compiled.drafts_usable:
-            logits = self.compiled.step(self, ids.to(self.device), pos.to(self.device))
+        if self.packs_drafts(compiled):
+            live = torch.nonzero(fed.reshape(-1)).reshape(-1)
+            logits = self.compiled.step(self, ids.to(self.device), pos.to(self.device), live.to(self.device))
             if logits is not None:
-                return logits
+                where = (fed.reshape(-1).cumsum(0) - 1).clamp(min=0).view(len(rows), width)
+                return logits, where.to(self.device)
         extra = {"grouped_queries": True} if self.grouped_queries else {}  # attention.py: several positions
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask, position_ids=pos.to(self.device),
                          past_key_values=self.cache, use_cache=True, **extra)
-        return out.logits
+        return out.logits.reshape(len(rows) * width, -1), torch.arange(len(rows) * width,
+                                                                       device=self.device).view(len(rows), width)
+
+    def packs_drafts(self, compiled: bool = True) -> bool:
+        """Whether `verify` runs the compiled draft check, which feeds each row only its own tokens."""
+        return compiled and self.compiled is not None and self.compiled.drafts_usable
 
     def settle(self, kept: list[int], width: int) -> None:
         """After `verify`: row i keeps the first kept[i] of the `width` columns it was fed; the cache

@@ -28,7 +28,8 @@ from server.engines.torch.frame_headroom import run_with_headroom
 from server.engines.torch.openmp import release_idle_team
 from server.engines.torch.prefill_stage import PrefillStage
 from server.engines.torch.prefix_cache import PrefixCache
-from server.engines.torch.prompt_lookup import RowDraft, StepCost, choose_width, eligible as lookup_eligible
+from server.engines.torch.prompt_lookup import RowDraft, StepCost, choose_width, choose_widths, \
+    eligible as lookup_eligible
 from server.engines.torch.runner import ModelRunner
 from server.engines.torch.sampling import Picked, RowState, pick_tokens
 from server.errors import EngineError, Overloaded
@@ -186,8 +187,12 @@ class BatchScheduler(PrefillStage):
         self._route_adapters(rows)
         drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
         if any(drafts):
-            width = choose_width(drafts, [s.draft.p if s.draft else 0.0 for s in rows], self.step_cost.ratio())
-            drafts = [d[:width] for d in drafts]
+            chances = [s.draft.p if s.draft else 0.0 for s in rows]
+            if self.runner.packs_drafts(self._base_rows_only):  # each row pays for its own draft
+                drafts = [d[:n] for d, n in zip(drafts, choose_widths(drafts, chances, self.step_cost.ratio()))]
+            else:  # one dense forward: every row pays for the widest
+                width = choose_width(drafts, chances, self.step_cost.ratio())
+                drafts = [d[:width] for d in drafts]
         if any(drafts):
             self._decode_drafts(rows, drafts)
             return
@@ -217,9 +222,9 @@ class BatchScheduler(PrefillStage):
         draft's; the first disagreement is the model's own token, so the output is unchanged."""
         fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
         started = time.perf_counter()
-        logits = self.runner.verify(fed, [s.position for s in rows], compiled=self._base_rows_only)
-        width = logits.shape[1]
-        self.step_cost.observe(len(rows) * width, time.perf_counter() - started)
+        logits, where = self.runner.verify(fed, [s.position for s in rows], compiled=self._base_rows_only)
+        width = where.shape[1]
+        self.step_cost.observe(logits.shape[0], time.perf_counter() - started)  # the positions it computed
         kept = [1] * len(rows)  # fed columns each row keeps in the cache: its last token + accepted drafts
         alive = list(range(len(rows)))
         for j in range(width):
@@ -227,7 +232,7 @@ class BatchScheduler(PrefillStage):
             if not now:
                 break
             seqs = [rows[i] for i in now]
-            picked = self._pick(logits[now, j].float(), seqs)
+            picked = self._pick(logits[where[now, j]].float(), seqs)
             self._accept(seqs, picked)
             alive = []
             for i, token in zip(now, picked.tokens):
