@@ -12,6 +12,10 @@ Each point also says what it saves: the teacher's cost of its own answers minus 
 escalates), as a share of the teacher's. A model's cost per token is `--teacher-cost`/`--student-cost`,
 else its manifest's (compress/cost.py), else measured here. With costs, the threshold picked is the
 one that saves most at the target quality.
+
+With `server` (an OpenAI-compatible base URL), teacher and student are model names there and both
+answer as served (compress/served_answers.py): the variants a server quantizes at load, on its own
+kernels, are calibrated as they will really answer. Their costs must then be given.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ SWEEP = 41  # thresholds per curve
 
 @dataclass
 class CalibrationConfig:
-    teacher: Path
-    student: Path
+    teacher: Path | str  # a folder, or with `server` a model name there
+    student: Path | str
     prompts: Path
     out: Path
     features: str = "minilm"
@@ -50,6 +54,8 @@ class CalibrationConfig:
     teacher_answers: Path | None = None  # JSONL of chat rows the teacher already answered (e.g. distillation data)
     teacher_cost: float | None = None  # seconds per output token; default: the manifest's, else measured
     student_cost: float | None = None
+    server: str | None = None  # OpenAI-compatible base URL that serves teacher and student (names)
+    api_key: str | None = None
 
 
 @dataclass
@@ -73,6 +79,17 @@ def answer(model_path: Path, prompts: list[str], max_tokens: int, batch_size: in
             for a in greedy_answers(model, tok, prompts, max_tokens, batch_size, desc=desc, logprobs=True)]
 
 
+def answers_of(cfg: "CalibrationConfig", model: Path | str, prompts: list[str], desc: str) -> list[Answer]:
+    """Greedy answers of `model`: from cfg.server as served (batch_size requests in flight), else offline."""
+    if not cfg.server:
+        return answer(Path(model), prompts, cfg.max_tokens, cfg.batch_size, desc)
+    from compress.served_answers import served_answers
+
+    return [Answer(a.text, a.mean_logprob, a.min_logprob, a.tokens)
+            for a in served_answers(cfg.server, str(model), prompts, cfg.max_tokens, cfg.batch_size, cfg.api_key,
+                                    desc=desc)]
+
+
 def known_answers(path: Path) -> dict[str, tuple[str, int | None]]:
     """prompt -> (the assistant's answer, its tokens where the row gives `tokens`), from chat JSONL rows
     (the last user turn is the prompt)."""
@@ -89,9 +106,10 @@ def teacher_answers(cfg: "CalibrationConfig", prompts: list[str]) -> list[Answer
     """Reuse answers the teacher already wrote where given; generate the rest. A reused answer without a
     token count is counted with the teacher's tokenizer (+1 for EOS)."""
     known = known_answers(cfg.teacher_answers) if cfg.teacher_answers else {}
+    if cfg.server:  # no tokenizer to count with: a reused answer must carry its tokens
+        known = {p: a for p, a in known.items() if a[1] is not None}
     missing = [p for p in prompts if p not in known]
-    fresh = dict(zip(missing, answer(cfg.teacher, missing, cfg.max_tokens, cfg.batch_size, "teacher answers"))) \
-        if missing else {}
+    fresh = dict(zip(missing, answers_of(cfg, cfg.teacher, missing, "teacher answers"))) if missing else {}
     tok = None
     if any(known[p][1] is None for p in prompts if p in known):
         from transformers import AutoTokenizer
@@ -181,8 +199,11 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
     prompts = prompts_of(cfg.prompts)
     if len(prompts) < 10:
         raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts; calibration needs at least 10")
+    if cfg.server and (cfg.teacher_cost is None or cfg.student_cost is None):
+        raise ValueError("with a server, give both costs (--teacher-cost, --student-cost): measure them with "
+                         "`slimserve compress cost MODEL [--quantization Q]` or `slimserve bench`")
     teacher = teacher_answers(cfg, prompts)
-    student = answer(cfg.student, prompts, cfg.max_tokens, cfg.batch_size, "student answers")
+    student = answers_of(cfg, cfg.student, prompts, "student answers")
     costs = {"teacher": seconds_per_token(cfg.teacher, cfg.teacher_cost),
              "student": seconds_per_token(cfg.student, cfg.student_cost)}
     seconds = (np.array([a.tokens for a in teacher]) * costs["teacher"]["seconds_per_token"],
@@ -216,7 +237,7 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
                                               "mean": float(agreement.mean()), "share_agreeing": float(labels.mean())},
         "train_accuracy": train_acc, "chosen": chosen, "cascade": {"metric": "mean_logprob", "chosen": cascade_chosen},
         "costs": costs, "curves": {"learned": learned_curve, "cascade": cascade_curve},
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "api_key"},
         "seconds": round(time.time() - started, 1),
     }
     router.save(cfg.out)

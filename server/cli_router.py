@@ -15,13 +15,19 @@ def add_parser(csub) -> None:
                                     "where the student agrees with the teacher; the threshold is chosen on held-out "
                                     "prompts for --target-quality (default) or --target-share.")
     c.add_argument("out", type=Path, help="folder for router.json, answers.jsonl and curve.png")
-    c.add_argument("--teacher", required=True, help="model folder or the embedded default")
-    c.add_argument("--student", required=True, help="model folder")
+    c.add_argument("--teacher", required=True, help="model folder or the embedded default (with --server: a "
+                   "model name there)")
+    c.add_argument("--student", required=True, help="model folder (with --server: a model name there)")
+    c.add_argument("--server", help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1) serving teacher and "
+                   "student: both answer as served (variants quantized at load on the server's own kernels); "
+                   "then both costs must be given")
+    c.add_argument("--api-key-env", help="environment variable holding the server's API key")
     c.add_argument("--prompts", type=Path, required=True, help="JSONL with `prompt` (or chat `messages`) rows")
     c.add_argument("--teacher-answers", type=Path, help="chat JSONL the teacher already answered (reused, not redone)")
     c.add_argument("--features", choices=["minilm", "cheap"], default="minilm")
     c.add_argument("--max-tokens", type=int, default=48)
-    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--batch-size", type=int, default=8, help="prompts answered together (with --server: requests "
+                   "in flight)")
     c.add_argument("--agree-threshold", type=float, default=0.5, help="ROUGE-L F1 at which answers agree")
     c.add_argument("--target-quality", type=float, default=0.95)
     c.add_argument("--target-share", type=float, help="pick the threshold for this student share instead")
@@ -35,13 +41,22 @@ def add_parser(csub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from compress.router_calibration import CalibrationConfig, calibrate
+    from compress.served_answers import ServedAnswerError, api_key_from
     from server.engines.factory import resolve_model
 
-    teacher = Path(resolve_model(args.teacher, args.cache_dir, "teacher"))
-    student = Path(resolve_model(args.student, args.cache_dir, "student"))
-    for name, path in (("teacher", teacher), ("student", student)):
-        if not (path / "config.json").is_file():
-            raise ConfigError(name, f"{path} is not a model folder")
+    if args.server:  # model names on that server
+        teacher, student = args.teacher, args.student
+        try:
+            api_key = api_key_from(args.api_key_env)
+        except ServedAnswerError as exc:
+            raise ConfigError("api_key_env", str(exc)) from exc
+    else:
+        teacher = Path(resolve_model(args.teacher, args.cache_dir, "teacher"))
+        student = Path(resolve_model(args.student, args.cache_dir, "student"))
+        api_key = None
+        for name, path in (("teacher", teacher), ("student", student)):
+            if not (path / "config.json").is_file():
+                raise ConfigError(name, f"{path} is not a model folder")
     if not args.prompts.is_file():
         raise ConfigError("prompts", f"no such file: {args.prompts}")
     cfg = CalibrationConfig(teacher=teacher, student=student, prompts=args.prompts, out=args.out,
@@ -49,11 +64,13 @@ def run(args: argparse.Namespace) -> int:
                             agree_threshold=args.agree_threshold, target_quality=args.target_quality,
                             target_share=args.target_share, holdout_fraction=args.holdout_fraction, seed=args.seed,
                             teacher_answers=args.teacher_answers, teacher_cost=args.teacher_cost,
-                            student_cost=args.student_cost)
+                            student_cost=args.student_cost, server=args.server, api_key=api_key)
     try:
         report = calibrate(cfg)
+    except ServedAnswerError as exc:
+        raise ConfigError("server", str(exc)) from exc
     except ValueError as exc:
-        raise ConfigError("prompts", str(exc)) from exc
+        raise ConfigError("server" if "server" in str(exc) else "prompts", str(exc)) from exc
     print(json.dumps({"chosen": report["chosen"], "cascade": report["cascade"], "agreement": report["agreement"],
                       "train_accuracy": report["train_accuracy"],
                       "seconds_per_token": {k: v["seconds_per_token"] for k, v in report["costs"].items()}}, indent=2))

@@ -204,6 +204,18 @@ def test_width_follows_cost_and_acceptance():
     for n, t in [(1, 0.05), (5, 0.06), (16, 0.08), (80, 0.21), (1, 0.05), (16, 0.08)]:
         cost.observe(n, t)
     assert 0.03 < cost.ratio() < 0.05  # a = 0.048, b = 0.002
+    assert cost.overhead() == cost.prior_overhead  # no draft check seen yet
+    cost = StepCost()  # a = 0.048, b = 0.002, a draft check 0.012 more
+    for n, draft in [(16, False), (20, True), (1, False), (40, True), (16, False), (17, True), (80, True), (8, False)]:
+        cost.observe(n, 0.048 + 0.002 * n + 0.012 * draft, draft=draft)
+    assert cost.ratio() == pytest.approx(0.002 / 0.048, rel=1e-6)
+    assert cost.overhead() == pytest.approx(0.012 / 0.048, rel=1e-6)
+    # a draft check's fixed cost can outweigh one row's good draft in a batch of 16
+    one_row = ([[1, 2, 3, 4]] + [[]] * 15, [0.9] + [0.0] * 15)
+    assert choose_widths(*one_row, ratio=1 / 32, overhead=0.0) == [4] + [0] * 15
+    assert choose_widths(*one_row, ratio=1 / 32, overhead=0.5) == [0] * 16
+    assert choose_width(drafts, [0.9, 0.9], ratio=0.0, overhead=0.5) == 4
+    assert choose_width(drafts, [0.3, 0.3], ratio=0.0, overhead=0.5) == 0
 
 
 def test_vllm_ngram_gives_the_same_greedy_text(tmp_path):

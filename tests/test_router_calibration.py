@@ -152,3 +152,60 @@ def test_learned_policy_follows_the_saved_router(calibrated, tiny_model_dir):
             assert f"{p:.3f}" in raw.headers["x-slimserve-route"]
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, tiny_model_dir):
+    """A real slimserve serving the tiny model twice: as `teacher`, and as `int8` quantized at load."""
+    folder = tmp_path_factory.mktemp("served")
+    config = {"dtype": "float32", "models": [{"name": "teacher", "model": str(tiny_model_dir)},
+                                             {"name": "int8", "model": str(tiny_model_dir), "quantization": "int8"}]}
+    (folder / "serve.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"prompt": f"Tell me about the {a} and the {b}."} for a in WORDS for b in WORDS[:2]]
+    (folder / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    server = ServerProcess(["--config", str(folder / "serve.yaml")], log_path=folder / "server.log")
+    server.wait_ready(180)
+    yield folder, server
+    server.stop()
+
+
+def _calibrate_served(folder, server, out, *extra):
+    return subprocess.run([sys.executable, "-m", "server", "compress", "calibrate-router", str(folder / out),
+                           "--server", f"{server.base_url}/v1", "--prompts", str(folder / "prompts.jsonl"),
+                           "--features", "cheap", "--max-tokens", "8", *extra],
+                          capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+
+
+def test_calibrate_router_against_a_server_uses_its_answers(tiny_server):
+    """--server: both models answer as served. The same model as teacher and student agrees everywhere;
+    the answers written are the server's own greedy answers, token counts from its usage."""
+    folder, server = tiny_server
+    r = _calibrate_served(folder, server, "same", "--teacher", "teacher", "--student", "teacher",
+                          "--teacher-cost", "0.01", "--student-cost", "0.01")
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((folder / "same" / "router.json").read_text())
+    assert manifest["agreement"]["share_agreeing"] == 1.0 and manifest["student"] == "teacher"
+    answers = [json.loads(line) for line in (folder / "same" / "answers.jsonl").read_text().splitlines()]
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+    for a in answers[:3]:
+        got = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": a["prompt"]}],
+                                             max_tokens=8, temperature=0)
+        assert a["teacher"] == got.choices[0].message.content.strip() == a["student"]
+        assert a["teacher_tokens"] == got.usage.completion_tokens
+    assert "server" in manifest["settings"] and "api_key" not in manifest["settings"]
+
+    r = _calibrate_served(folder, server, "int8", "--teacher", "teacher", "--student", "int8",
+                          "--teacher-cost", "0.01", "--student-cost", "0.005")
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((folder / "int8" / "router.json").read_text())
+    assert manifest["student"] == "int8" and manifest["costs"]["student"]["seconds_per_token"] == 0.005
+    assert "learned: threshold" in r.stdout
+
+
+def test_calibrate_router_against_a_server_refuses_clearly(tiny_server):
+    folder, server = tiny_server
+    r = _calibrate_served(folder, server, "nocost", "--teacher", "teacher", "--student", "int8")
+    assert r.returncode != 0 and "give both costs" in r.stderr
+    r = _calibrate_served(folder, server, "nomodel", "--teacher", "teacher", "--student", "nope",
+                          "--teacher-cost", "0.01", "--student-cost", "0.005")
+    assert r.returncode != 0 and "invalid setting 'server'" in r.stderr and "nope" in r.stderr

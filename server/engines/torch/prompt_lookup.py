@@ -110,60 +110,101 @@ class RowDraft:
 
 
 class StepCost:
-    """Seconds per forward as a + b * tokens, fitted online (exponentially weighted least squares) from
-    the engine's own decode and draft steps; a prior holds until the steps have varied enough."""
+    """Seconds per decode step as a + b * tokens + c * (a draft check), fitted online (exponentially
+    weighted least squares) from the engine's own steps, timed whole (forward, sampling, acceptance):
+    a draft check also pays its per-position sampling and acceptance loop and its cache bookkeeping
+    (~2 ms a step on SmolLM2 at 16 rows, measured), which no count of tokens explains. Priors hold until
+    the steps have varied enough; with no draft checks yet, c is the prior and a, b come from plain steps."""
 
-    def __init__(self, prior_ratio: float = 1 / 32, decay: float = 0.98):
+    def __init__(self, prior_ratio: float = 1 / 32, prior_overhead: float = 0.15, decay: float = 0.98):
         self.prior_ratio = prior_ratio  # b / a before any fit: 32 tokens in a forward cost twice one
+        self.prior_overhead = prior_overhead  # c / a before any fit
         self.decay = decay
-        self._s = [0.0] * 5  # weights, sum n, sum t, sum n*n, sum n*t
+        self._m = [[0.0] * 3 for _ in range(3)]  # weighted sums of x x^T, x = (1, tokens, draft)
+        self._r = [0.0] * 3  # weighted sums of x * seconds
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, draft: bool = False) -> None:
+        x = (1.0, float(tokens), 1.0 if draft else 0.0)
         d = self.decay
-        w, sn, st, snn, snt = (x * d for x in self._s)
-        self._s = [w + 1, sn + tokens, st + seconds, snn + tokens * tokens, snt + tokens * seconds]
+        self._m = [[d * self._m[i][j] + x[i] * x[j] for j in range(3)] for i in range(3)]
+        self._r = [d * self._r[i] + x[i] * seconds for i in range(3)]
+
+    def _fit(self) -> tuple[float, float, float] | None:
+        """(a, b, c), or None while the steps have not varied enough."""
+        m, r = self._m, self._r
+        w, sn, snn, sd = m[0][0], m[0][1], m[1][1], m[2][2]
+        if w < 4 or w * snn - sn * sn <= (0.5 * w) ** 2:  # too few steps, or too little spread in their sizes
+            return None
+        if sd < 2 or w - sd < 2:  # one kind of step only: a, b from those, c from the prior
+            b = (w * r[1] - sn * r[0]) / (w * snn - sn * sn)
+            a = (r[0] - b * sn) / w
+            if sd >= 2:  # draft checks only: their fixed part is a + c
+                return a / (1 + self.prior_overhead), b, a * self.prior_overhead / (1 + self.prior_overhead)
+            return a, b, a * self.prior_overhead
+        return _solve3(m, r)
 
     def ratio(self) -> float:
-        """b / a: the cost of one more token in a forward, relative to a forward's fixed cost."""
-        w, sn, st, snn, snt = self._s
-        var = w * snn - sn * sn
-        if w < 4 or var <= (0.5 * w) ** 2:  # too few steps, or too little spread in their sizes
+        """b / a: the cost of one more token in a forward, relative to a step's fixed cost."""
+        fit = self._fit()
+        if fit is None:
             return self.prior_ratio
-        b = (w * snt - sn * st) / var
-        a = (st - b * sn) / w
-        if b <= 0:
-            return 0.0
-        if a <= 0:
-            return 1.0
-        return b / a
+        a, b, _ = fit
+        return 0.0 if b <= 0 else 1.0 if a <= 0 else b / a
+
+    def overhead(self) -> float:
+        """c / a: what a draft check costs beyond its tokens, relative to a step's fixed cost."""
+        fit = self._fit()
+        if fit is None:
+            return self.prior_overhead
+        a, _, c = fit
+        return max(0.0, c / a) if a > 0 else self.prior_overhead
 
 
-def choose_width(drafts: list[list[int]], chances: list[float], ratio: float) -> int:
-    """The number of draft tokens per row (0..longest) that maximises expected tokens per unit of
-    forward cost, 1 + ratio * rows * (1 + width); each row's draft token j is accepted with chance p^j."""
+def _solve3(m: list[list[float]], r: list[float]) -> tuple[float, float, float] | None:
+    """m x = r for a 3 x 3 system (Gaussian elimination with partial pivoting), None if singular."""
+    a = [row[:] + [v] for row, v in zip(m, r)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda i: abs(a[i][col]))
+        if abs(a[pivot][col]) < 1e-12 * max(1.0, abs(a[0][0])):
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for i in range(col + 1, 3):
+            f = a[i][col] / a[col][col]
+            a[i] = [u - f * v for u, v in zip(a[i], a[col])]
+    x = [0.0] * 3
+    for i in (2, 1, 0):
+        x[i] = (a[i][3] - sum(a[i][j] * x[j] for j in range(i + 1, 3))) / a[i][i]
+    return x[0], x[1], x[2]
+
+
+def choose_width(drafts: list[list[int]], chances: list[float], ratio: float, overhead: float = 0.0) -> int:
+    """The number of draft tokens per row (0..longest) that maximises expected tokens per unit of step
+    cost, 1 + ratio * rows * (1 + width) (+ overhead for a draft check); each row's draft token j is
+    accepted with chance p^j."""
     rows = len(drafts)
     longest = max(len(d) for d in drafts)
     best, best_rate = 0, rows / (1 + ratio * rows)
     expected = float(rows)
     for width in range(1, longest + 1):
         expected += sum(p ** width for d, p in zip(drafts, chances) if len(d) >= width)
-        rate = expected / (1 + ratio * rows * (1 + width))
+        rate = expected / (1 + overhead + ratio * rows * (1 + width))
         if rate > best_rate:
             best, best_rate = width, rate
     return best
 
 
-def choose_widths(drafts: list[list[int]], chances: list[float], ratio: float) -> list[int]:
-    """Each row's number of draft tokens when a forward costs 1 + ratio * (tokens fed) and each row is fed
-    only its own: the draft tokens are taken in order of their chance of being accepted (row i's token j:
-    p_i^j, falling with j, so each row keeps a prefix), as many as maximise expected tokens per cost."""
+def choose_widths(drafts: list[list[int]], chances: list[float], ratio: float, overhead: float = 0.0) -> list[int]:
+    """Each row's number of draft tokens when a step costs 1 + ratio * (tokens fed) (+ overhead for a
+    draft check) and each row is fed only its own: the draft tokens are taken in order of their chance of
+    being accepted (row i's token j: p_i^j, falling with j, so each row keeps a prefix), as many as
+    maximise expected tokens per cost."""
     rows = len(drafts)
     gains = sorted(((p ** j, j, i) for i, (d, p) in enumerate(zip(drafts, chances)) for j in range(1, len(d) + 1)),
                    key=lambda g: (-g[0], g[1]))
     expected, best, best_rate = float(rows), 0, rows / (1 + ratio * rows)
     for n, (gain, _, _) in enumerate(gains, start=1):
         expected += gain
-        rate = expected / (1 + ratio * (rows + n))
+        rate = expected / (1 + overhead + ratio * (rows + n))
         if rate > best_rate:
             best, best_rate = n, rate
     widths = [0] * rows

@@ -185,23 +185,25 @@ class BatchScheduler(PrefillStage):
         rows = self._rows
         self._inject(rows, "step")
         self._route_adapters(rows)
+        started = time.perf_counter()  # with prompt lookup, whole steps are timed (StepCost)
         drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
         if any(drafts):
             chances = [s.draft.p if s.draft else 0.0 for s in rows]
+            cost = self.step_cost
             if self.runner.packs_drafts(self._base_rows_only):  # each row pays for its own draft
-                drafts = [d[:n] for d, n in zip(drafts, choose_widths(drafts, chances, self.step_cost.ratio()))]
+                widths = choose_widths(drafts, chances, cost.ratio(), cost.overhead())
+                drafts = [d[:n] for d, n in zip(drafts, widths)]
             else:  # one dense forward: every row pays for the widest
-                width = choose_width(drafts, chances, self.step_cost.ratio())
+                width = choose_width(drafts, chances, cost.ratio(), cost.overhead())
                 drafts = [d[:width] for d in drafts]
         if any(drafts):
-            self._decode_drafts(rows, drafts)
+            self._decode_drafts(rows, drafts, started)
             return
-        started = time.perf_counter()
         logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows],
                                     compiled=self._base_rows_only)
+        self._accept(rows, self._pick(logits.float(), rows))
         if self.lookup is not None:
             self.step_cost.observe(len(rows), time.perf_counter() - started)
-        self._accept(rows, self._pick(logits.float(), rows))
 
     @property
     def _base_rows_only(self) -> bool:
@@ -216,15 +218,13 @@ class BatchScheduler(PrefillStage):
         room = min(a.max_tokens, a.room) - a.generated - 1  # the step also yields the model's own next token
         return seq.draft.propose(seq.row.prompt_ids + seq.row.output_ids, room)
 
-    def _decode_drafts(self, rows: list[Sequence], drafts: list[list[int]]) -> None:
+    def _decode_drafts(self, rows: list[Sequence], drafts: list[list[int]], started: float) -> None:
         """One step that checks every row's draft: position j of row i is accepted (as a plain decode step
         would accept it: sampling.pick_tokens, acceptance.py) while the model's token there equals the
         draft's; the first disagreement is the model's own token, so the output is unchanged."""
         fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
-        started = time.perf_counter()
         logits, where = self.runner.verify(fed, [s.position for s in rows], compiled=self._base_rows_only)
         width = where.shape[1]
-        self.step_cost.observe(logits.shape[0], time.perf_counter() - started)  # the positions it computed
         kept = [1] * len(rows)  # fed columns each row keeps in the cache: its last token + accepted drafts
         alive = list(range(len(rows)))
         for j in range(width):
@@ -244,6 +244,7 @@ class BatchScheduler(PrefillStage):
                 seq.draft.observe(len(draft), k - 1)
                 self.spec.add(len(draft), k - 1)
         self.runner.settle(kept, width)
+        self.step_cost.observe(logits.shape[0], time.perf_counter() - started, draft=True)  # positions computed
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> Picked:
         """Sample the batch; if that fails, sample row by row and fail only the rows that fail."""
