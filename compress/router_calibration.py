@@ -85,9 +85,7 @@ def answers_of(cfg: "CalibrationConfig", model: Path | str, prompts: list[str], 
         return answer(Path(model), prompts, cfg.max_tokens, cfg.batch_size, desc)
     from compress.served_answers import served_answers
 
-    return [Answer(a.text, a.mean_logprob, a.min_logprob, a.tokens)
-            for a in served_answers(cfg.server, str(model), prompts, cfg.max_tokens, cfg.batch_size, cfg.api_key,
-                                    desc=desc)]
+    return served_answers(cfg.server, str(model), prompts, cfg.max_tokens, cfg.batch_size, cfg.api_key, desc=desc)
 
 
 def known_answers(path: Path) -> dict[str, tuple[str, int | None]]:

@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
+
+_RETRIES = 3  # tries for a request the server could not take now (429, 503) or a dropped connection
+_BUSY = (429, 503)
 
 
 class ServedAnswerError(RuntimeError):
     pass
 
 
-@dataclass
-class ServedAnswer:
-    text: str
-    mean_logprob: float  # over the tokens the server reported logprobs for
-    min_logprob: float
-    tokens: int  # usage.completion_tokens
-
-
 def served_answers(base_url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int = 8,
                    api_key: str | None = None, timeout: float = 300.0, desc: str = "answers",
-                   progress: bool = True) -> list[ServedAnswer]:
-    """Each prompt as one user turn to `{base_url}/chat/completions` (temperature 0, logprobs), in order;
-    `concurrency` requests in flight, so a batching server answers them together. A request the server
-    refuses raises ServedAnswerError with its error message."""
+                   progress: bool = True) -> list:
+    """Each prompt as one user turn to `{base_url}/chat/completions` (temperature 0, logprobs), in order,
+    as router_calibration.Answer; `concurrency` requests in flight, so a batching server answers them
+    together. A request the server refuses, or an answer without usage or logprobs, raises
+    ServedAnswerError with the reason."""
     from tqdm import tqdm
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -44,28 +40,45 @@ def served_answers(base_url: str, model: str, prompts: list[str], max_tokens: in
         return list(tqdm(asked, total=len(prompts), desc=f"{desc} ({model} at {base_url})", disable=not progress))
 
 
-def _ask(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> ServedAnswer:
+def _post(client: httpx.Client, url: str, body: dict) -> httpx.Response:
+    for attempt in range(_RETRIES):
+        try:
+            r = client.post(url, json=body)
+        except httpx.TransportError as exc:
+            if attempt == _RETRIES - 1:
+                raise ServedAnswerError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        else:
+            if r.status_code not in _BUSY or attempt == _RETRIES - 1:
+                return r
+        time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _ask(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int):
+    from compress.router_calibration import Answer
+
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "logprobs": True}
-    try:
-        r = client.post(url, json=body)
-    except httpx.HTTPError as exc:
-        raise ServedAnswerError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    r = _post(client, url, body)
     if r.status_code != 200:
         try:
             message = r.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = r.text[:300]
         raise ServedAnswerError(f"{url} answered {r.status_code} for model {model!r}: {message}")
-    data = r.json()
-    choice = data["choices"][0]
-    logprobs = [t["logprob"] for t in ((choice.get("logprobs") or {}).get("content") or [])
-                if t.get("logprob") is not None and math.isfinite(t["logprob"])]
-    tokens = (data.get("usage") or {}).get("completion_tokens")
-    if tokens is None:
-        raise ServedAnswerError(f"{url} gave no usage.completion_tokens for model {model!r}")
-    return ServedAnswer((choice["message"].get("content") or "").strip(),
-                        sum(logprobs) / len(logprobs) if logprobs else 0.0, min(logprobs, default=0.0), int(tokens))
+    try:
+        data = r.json()
+        choice = data["choices"][0]
+        text = (choice["message"].get("content") or "").strip()
+        tokens = int(data["usage"]["completion_tokens"])
+        content = (choice.get("logprobs") or {}).get("content") or []
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ServedAnswerError(f"{url} gave an answer for model {model!r} that is not a chat completion with "
+                                f"usage: {type(exc).__name__}: {exc}") from exc
+    logprobs = [t["logprob"] for t in content if t.get("logprob") is not None and math.isfinite(t["logprob"])]
+    if tokens and not logprobs:  # a cascade reads them: without, its curve would be flat, silently
+        raise ServedAnswerError(f"{url} gave no logprobs for model {model!r} (asked with logprobs: true)")
+    return Answer(text, sum(logprobs) / len(logprobs) if logprobs else 0.0, min(logprobs, default=0.0), tokens)
 
 
 def api_key_from(env_name: str | None) -> str | None:

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.server:  # model names on that server
         teacher, student = args.teacher, args.student
+        if args.teacher_cost is None or args.student_cost is None:
+            raise ConfigError("server", "with a server, give both costs (--teacher-cost, --student-cost): measure "
+                                        "them with `slimserve compress cost MODEL [--quantization Q]`")
         try:
             api_key = api_key_from(args.api_key_env)
         except ServedAnswerError as exc:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except ServedAnswerError as exc:
         raise ConfigError("server", str(exc)) from exc
     except ValueError as exc:
-        raise ConfigError("server" if "server" in str(exc) else "prompts", str(exc)) from exc
+        raise ConfigError("prompts", str(exc)) from exc
     print(json.dumps({"chosen": report["chosen"], "cascade": report["cascade"], "agreement": report["agreement"],
                       "train_accuracy": report["train_accuracy"],
                       "seconds_per_token": {k: v["seconds_per_token"] for k, v in report["costs"].items()}}, indent=2))

@@ -68,15 +68,18 @@ def test_a_row_with_nothing_to_attend_to_stays_finite_as_the_matmul_path():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_draft_checks_padding_is_skipped_and_the_fed_positions_are_unchanged(dtype, parts):
     """skip_padding: row 0 fed 4 positions, row 1 two and row 2 one (their last new columns masked, as
-    runner.verify leaves a shorter row): fed positions equal the call without skipping, padding is zeros."""
+    runner.verify leaves a shorter row): fed positions equal the call without skipping, padding is zeros;
+    the compiled graph's op does the same."""
     q, k, v, mask = _case(3, 9, 3, 4, 33, 64, dtype)
     mask[1, -2:] = False
     mask[2, -3:] = False
     full = decode_attention.attend(q, k, v, mask, 0.125, parts=parts)
-    got = decode_attention.op(q, k, v, mask, 0.125, True)
+    got = decode_attention.attend(q, k, v, mask, 0.125, skip_padding=True, parts=parts)
     fed = mask[:, -4:]
     assert torch.equal(got[fed], full[fed]) and fed.sum() == 7
     assert (got[~fed] == 0).all() and (full[~fed] != 0).any()
+    graph_op = decode_attention.op(q, k, v, mask, 0.125, True)
+    assert torch.equal(graph_op, decode_attention.attend(q, k, v, mask, 0.125, True))
 
 
 def test_bad_input_is_refused_with_the_reason():

@@ -203,13 +203,22 @@ def test_width_follows_cost_and_acceptance():
     cost = StepCost()
     for n, t in [(1, 0.05), (5, 0.06), (16, 0.08), (80, 0.21), (1, 0.05), (16, 0.08)]:
         cost.observe(n, t)
-    assert 0.03 < cost.ratio() < 0.05  # a = 0.048, b = 0.002
-    assert cost.overhead() == cost.prior_overhead  # no draft check seen yet
+    ratio, overhead = cost.shares()
+    assert 0.03 < ratio < 0.05 and overhead == cost.prior_overhead  # a = 0.048, b = 0.002; no draft check yet
     cost = StepCost()  # a = 0.048, b = 0.002, a draft check 0.012 more
     for n, draft in [(16, False), (20, True), (1, False), (40, True), (16, False), (17, True), (80, True), (8, False)]:
         cost.observe(n, 0.048 + 0.002 * n + 0.012 * draft, draft=draft)
-    assert cost.ratio() == pytest.approx(0.002 / 0.048, rel=1e-6)
-    assert cost.overhead() == pytest.approx(0.012 / 0.048, rel=1e-6)
+    assert cost.shares() == pytest.approx((0.002 / 0.048, 0.012 / 0.048), rel=1e-6)
+    cost = StepCost()  # one row: plain steps of 1 token, checks of 5 only (no spread among them)
+    for i in range(12):
+        cost.observe(5 if i % 2 else 1, 0.030 + 0.001 * (5 if i % 2 else 1) + 0.003 * (i % 2), draft=bool(i % 2))
+    ratio, overhead = cost.shares()  # one line through both kinds: b takes the checks' own cost, c is the prior
+    assert ratio == pytest.approx(0.00175 / 0.02925, rel=1e-6) and overhead == cost.prior_overhead
+    cost = StepCost()  # draft checks only
+    for n in (3, 5, 9, 5, 3, 9):
+        cost.observe(n, 0.046 + 0.002 * n, draft=True)
+    ratio, overhead = cost.shares()
+    assert overhead == pytest.approx(cost.prior_overhead) and ratio == pytest.approx(0.002 / (0.046 / 1.15))
     # a draft check's fixed cost can outweigh one row's good draft in a batch of 16
     one_row = ([[1, 2, 3, 4]] + [[]] * 15, [0.9] + [0.0] * 15)
     assert choose_widths(*one_row, ratio=1 / 32, overhead=0.0) == [4] + [0] * 15

@@ -109,72 +109,83 @@ class RowDraft:
             self.backoff = _COOLDOWN
 
 
+class _Sums:
+    """Exponentially weighted sums over one kind of step: weight, tokens, seconds, tokens^2, tokens*seconds."""
+
+    def __init__(self):
+        self.w = self.n = self.t = self.nn = self.nt = 0.0
+
+    def decay(self, d: float) -> None:
+        self.w, self.n, self.t, self.nn, self.nt = (d * x for x in (self.w, self.n, self.t, self.nn, self.nt))
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.w += 1
+        self.n += tokens
+        self.t += seconds
+        self.nn += tokens * tokens
+        self.nt += tokens * seconds
+
+    def plus(self, other: "_Sums") -> "_Sums":
+        both = _Sums()
+        both.w, both.n, both.t, both.nn, both.nt = (x + y for x, y in zip(
+            (self.w, self.n, self.t, self.nn, self.nt), (other.w, other.n, other.t, other.nn, other.nt)))
+        return both
+
+    def line(self, min_weight: float) -> tuple[float, float] | None:
+        """(intercept, slope) of seconds against tokens, or None while the steps have not varied enough."""
+        var = self.w * self.nn - self.n * self.n
+        if self.w < min_weight or var <= (0.5 * self.w) ** 2:
+            return None
+        slope = (self.w * self.nt - self.n * self.t) / var
+        return (self.t - slope * self.n) / self.w, slope
+
+
 class StepCost:
     """Seconds per decode step as a + b * tokens + c * (a draft check), fitted online (exponentially
-    weighted least squares) from the engine's own steps, timed whole (forward, sampling, acceptance):
-    a draft check also pays its per-position sampling and acceptance loop and its cache bookkeeping
-    (~2 ms a step on SmolLM2 at 16 rows, measured), which no count of tokens explains. Priors hold until
-    the steps have varied enough; with no draft checks yet, c is the prior and a, b come from plain steps."""
+    weighted) from the engine's own steps, timed whole (forward, sampling, acceptance): a draft check
+    also pays its per-position sampling and acceptance loop and its cache bookkeeping (~2 ms a step on
+    SmolLM2 at 16 rows, measured), which no count of tokens explains. b comes from the draft checks' own
+    spread of sizes, a from plain steps given b, and c is what draft checks cost beyond both; while the
+    draft checks have not varied enough, one line through all steps gives a and b and c is the prior
+    (a nearly collinear three-way fit swung b by 3x, and below 0, on one-row timings)."""
 
     def __init__(self, prior_ratio: float = 1 / 32, prior_overhead: float = 0.15, decay: float = 0.98):
         self.prior_ratio = prior_ratio  # b / a before any fit: 32 tokens in a forward cost twice one
         self.prior_overhead = prior_overhead  # c / a before any fit
         self.decay = decay
-        self._m = [[0.0] * 3 for _ in range(3)]  # weighted sums of x x^T, x = (1, tokens, draft)
-        self._r = [0.0] * 3  # weighted sums of x * seconds
+        self._plain, self._draft = _Sums(), _Sums()
 
     def observe(self, tokens: int, seconds: float, draft: bool = False) -> None:
-        x = (1.0, float(tokens), 1.0 if draft else 0.0)
-        d = self.decay
-        self._m = [[d * self._m[i][j] + x[i] * x[j] for j in range(3)] for i in range(3)]
-        self._r = [d * self._r[i] + x[i] * seconds for i in range(3)]
+        for sums in (self._plain, self._draft):
+            sums.decay(self.decay)
+        (self._draft if draft else self._plain).add(float(tokens), seconds)
 
     def _fit(self) -> tuple[float, float, float] | None:
         """(a, b, c), or None while the steps have not varied enough."""
-        m, r = self._m, self._r
-        w, sn, snn, sd = m[0][0], m[0][1], m[1][1], m[2][2]
-        if w < 4 or w * snn - sn * sn <= (0.5 * w) ** 2:  # too few steps, or too little spread in their sizes
+        plain, draft = self._plain, self._draft
+        checks = draft.line(min_weight=3)
+        if checks is not None and plain.w >= 2:
+            b = max(0.0, checks[1])
+            a = (plain.t - b * plain.n) / plain.w
+            return a, b, (draft.t - b * draft.n) / draft.w - a
+        line = plain.plus(draft).line(min_weight=4)
+        if line is None:
             return None
-        if sd < 2 or w - sd < 2:  # one kind of step only: a, b from those, c from the prior
-            b = (w * r[1] - sn * r[0]) / (w * snn - sn * sn)
-            a = (r[0] - b * sn) / w
-            if sd >= 2:  # draft checks only: their fixed part is a + c
-                return a / (1 + self.prior_overhead), b, a * self.prior_overhead / (1 + self.prior_overhead)
-            return a, b, a * self.prior_overhead
-        return _solve3(m, r)
+        a, b = line[0], max(0.0, line[1])
+        if plain.w < 2:  # draft checks only: their fixed part is a + c
+            return a / (1 + self.prior_overhead), b, a * self.prior_overhead / (1 + self.prior_overhead)
+        return a, b, a * self.prior_overhead
 
-    def ratio(self) -> float:
-        """b / a: the cost of one more token in a forward, relative to a step's fixed cost."""
+    def shares(self) -> tuple[float, float]:
+        """(b / a, c / a): one more token in a forward, and a draft check's own cost, each relative to a
+        step's fixed cost."""
         fit = self._fit()
         if fit is None:
-            return self.prior_ratio
-        a, b, _ = fit
-        return 0.0 if b <= 0 else 1.0 if a <= 0 else b / a
-
-    def overhead(self) -> float:
-        """c / a: what a draft check costs beyond its tokens, relative to a step's fixed cost."""
-        fit = self._fit()
-        if fit is None:
-            return self.prior_overhead
-        a, _, c = fit
-        return max(0.0, c / a) if a > 0 else self.prior_overhead
-
-
-def _solve3(m: list[list[float]], r: list[float]) -> tuple[float, float, float] | None:
-    """m x = r for a 3 x 3 system (Gaussian elimination with partial pivoting), None if singular."""
-    a = [row[:] + [v] for row, v in zip(m, r)]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda i: abs(a[i][col]))
-        if abs(a[pivot][col]) < 1e-12 * max(1.0, abs(a[0][0])):
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for i in range(col + 1, 3):
-            f = a[i][col] / a[col][col]
-            a[i] = [u - f * v for u, v in zip(a[i], a[col])]
-    x = [0.0] * 3
-    for i in (2, 1, 0):
-        x[i] = (a[i][3] - sum(a[i][j] * x[j] for j in range(i + 1, 3))) / a[i][i]
-    return x[0], x[1], x[2]
+            return self.prior_ratio, self.prior_overhead
+        a, b, c = fit
+        if a <= 0:
+            return 1.0, self.prior_overhead
+        return b / a, max(0.0, c / a)
 
 
 def choose_width(drafts: list[list[int]], chances: list[float], ratio: float, overhead: float = 0.0) -> int:

@@ -189,12 +189,12 @@ class BatchScheduler(PrefillStage):
         drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
         if any(drafts):
             chances = [s.draft.p if s.draft else 0.0 for s in rows]
-            cost = self.step_cost
+            ratio, overhead = self.step_cost.shares()
             if self.runner.packs_drafts(self._base_rows_only):  # each row pays for its own draft
-                widths = choose_widths(drafts, chances, cost.ratio(), cost.overhead())
+                widths = choose_widths(drafts, chances, ratio, overhead)
                 drafts = [d[:n] for d, n in zip(drafts, widths)]
             else:  # one dense forward: every row pays for the widest
-                width = choose_width(drafts, chances, cost.ratio(), cost.overhead())
+                width = choose_width(drafts, chances, ratio, overhead)
                 drafts = [d[:width] for d in drafts]
         if any(drafts):
             self._decode_drafts(rows, drafts, started)
