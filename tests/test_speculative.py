@@ -4,6 +4,7 @@ finish reason) is exactly the model's own; ineligible requests take the batching
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -36,7 +37,7 @@ def _run(engine, prompt: str, **params) -> tuple[list[int], str, str]:
 def engines(tiny_model_dir, student_dir):
     plain = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
     spec = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
-    spec.attach_draft(str(student_dir), 3)
+    spec.attach_draft(str(student_dir), 3, adaptive=False)  # every lone greedy request through the draft
     for engine in (plain, spec):
         asyncio.run(engine.start())
     yield plain, spec
@@ -62,6 +63,57 @@ def test_ineligible_requests_use_the_batch(engines):
     before = spec.speculative.requests
     ids, _, _ = _run(spec, "Hello", max_tokens=5, ignore_eos=True)
     assert len(ids) == 5 and spec.speculative.requests == before
+
+
+def test_judge_measures_both_paths_then_takes_the_faster():
+    from server.engines.torch.speculation_judge import MIN_TOKENS, SpeculationJudge
+
+    judge = SpeculationJudge()
+    assert [judge.choose() for _ in range(3)] == ["draft"] * 3  # nothing measured: the draft first
+    for _ in range(3):
+        judge.observe("draft", 40, 0.8)  # 20 ms a token
+    judge.observe("plain", MIN_TOKENS - 1, 0.01)  # too short to count
+    assert judge.samples == {"draft": 3, "plain": 0} and judge.choose() == "plain"
+    for _ in range(3):
+        judge.observe("plain", 40, 0.4)  # 10 ms a token: the draft does not pay
+    assert judge.speedup() == pytest.approx(0.5)
+    probes = []  # decisions at which the draft was re-measured
+    for i in range(400):
+        if judge.choose() == "draft":
+            probes.append(i)
+            judge.observe("draft", 40, 0.8)  # still slow: each probe doubles the wait for the next
+    assert probes == [15, 47, 111, 239] and judge.probes == 4
+    for _ in range(12):
+        judge.observe("draft", 40, 0.2)  # the draft got faster (5 ms a token)
+    assert judge.speedup() > 1 and [judge.choose() for _ in range(10)].count("draft") >= 9
+
+
+def test_an_adaptive_engine_sends_lone_requests_where_they_decode_faster(tiny_model_dir, student_dir):
+    """Measured on its own requests: the draft for the first three, the plain path for the next three,
+    then the faster; greedy output is the model's own on both paths."""
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
+    engine.attach_draft(str(student_dir), 3)
+    asyncio.run(engine.start())
+    try:
+        judge, spec = engine.speculation_judge, engine.speculative
+
+        def alone():  # a finished row leaves the batch just after its last chunk: wait, so the next runs alone
+            while sum(engine._scheduler.counts()[:2]):
+                time.sleep(0.005)
+            return _run(engine, "The capital of France is", max_tokens=30)
+
+        outputs = [alone() for _ in range(6)]
+        assert all(o == outputs[0] for o in outputs) and len(outputs[0][0]) > 9
+        assert spec.requests == 3 and judge.samples == {"draft": 3, "plain": 3}
+        judge.seconds_per_token = {"draft": 0.05, "plain": 0.01}  # as if the draft were slow here
+        before = spec.requests
+        assert alone() == outputs[0]
+        assert spec.requests == before
+        judge.seconds_per_token = {"draft": 0.001, "plain": 0.01}
+        assert alone() == outputs[0]
+        assert spec.requests == before + 1
+    finally:
+        asyncio.run(engine.shutdown())
 
 
 def test_draft_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):

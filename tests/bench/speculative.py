@@ -1,5 +1,7 @@
 """Speculative decoding speed-up: the teacher alone vs the teacher with the distilled student as its
-draft, in the PyTorch engine, same greedy requests one at a time (the case speculation is for).
+draft, in the PyTorch engine, same greedy requests one at a time (the case speculation is for); each
+draft setting twice: through the draft always, and adaptive (the engine's default: the draft only
+while it measures faster than the plain path, speculation_judge.py).
 
     python -m tests.bench.speculative --teacher smollm2-135m-instruct --draft /tmp/router/student-kd \
         --prompts /tmp/router/heldout.jsonl
@@ -22,6 +24,7 @@ from compress.router_calibration import prompts_of
 from server.default_model import DEFAULT_MODEL_ID
 from server.engines.base import GenerationRequest, RequestStats, SamplingParams
 from server.engines.torch.engine import TorchEngine
+from tests.bench.models import local_model
 from tests.bench.output import write_result
 
 FIGURES = Path(__file__).parent / "figures"
@@ -54,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompts_of(args.prompts)[: args.num_prompts]
     ks = [int(k) for k in args.speculative_tokens.split(",")]
     plain = TorchEngine.load("teacher", teacher, dtype=args.dtype)
-    specs = {}
+    specs = {}  # "k3": the draft for every lone greedy request; "k3-adaptive": only while it measures faster
     for k in ks:
-        specs[k] = TorchEngine.load("teacher", teacher, dtype=args.dtype)
-        specs[k].attach_draft(args.draft, k)
+        for adaptive in (False, True):
+            name = f"k{k}{'-adaptive' if adaptive else ''}"
+            specs[name] = TorchEngine.load("teacher", teacher, dtype=args.dtype)
+            specs[name].attach_draft(args.draft, k, adaptive=adaptive)
 
     async def run() -> dict:
         for e in (plain, *specs.values()):
@@ -65,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         await one(plain, "warm up", 8)
         for e in specs.values():
             await one(e, "warm up", 8)
-        rows = {"plain": [], **{f"k{k}": [] for k in ks}}
+        rows = {"plain": [], **{name: [] for name in specs}}
         for p in tqdm(prompts, desc="prompts"):
             rows["plain"].append(await one(plain, p, args.max_tokens))
-            for k, e in specs.items():
-                rows[f"k{k}"].append(await one(e, p, args.max_tokens))
+            for name, e in specs.items():
+                rows[name].append(await one(e, p, args.max_tokens))
         return rows
 
     rows = asyncio.run(run())
@@ -78,14 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     result = {"teacher": teacher, "draft": args.draft, "prompts": len(prompts), "max_tokens": args.max_tokens,
               "dtype": args.dtype, "plain_tok_s": base_tokens / base_s, "variants": {}}
     print(f"teacher alone: {base_tokens / base_s:.1f} tok/s over {len(prompts)} prompts")
-    for k in ks:
-        r = rows[f"k{k}"]
+    for name, engine in specs.items():
+        r = rows[name]
         same = sum(a[0] == b[0] for a, b in zip(r, rows["plain"]))
         tokens, seconds = sum(n for _, n, _ in r), sum(s for _, _, s in r)
         speedup = (tokens / seconds) / (base_tokens / base_s)
-        result["variants"][f"k{k}"] = {"num_speculative_tokens": k, "tok_s": tokens / seconds, "speedup": speedup,
-                                       "identical_texts": same, "requests_through_draft": specs[k].speculative.requests}
-        print(f"draft k={k}: {tokens / seconds:.1f} tok/s, speed-up {speedup:.2f}x, identical texts {same}/{len(r)}")
+        judge = engine.speculation_judge
+        result["variants"][name] = {
+            "num_speculative_tokens": engine.speculative.num_tokens, "adaptive": judge is not None,
+            "tok_s": tokens / seconds, "speedup": speedup, "identical_texts": same,
+            "requests_through_draft": engine.speculative.requests,
+            "judged_draft_speedup": judge.speedup() if judge else None}
+        print(f"draft {name}: {tokens / seconds:.1f} tok/s, speed-up {speedup:.2f}x, identical texts {same}/{len(r)}, "
+              f"{engine.speculative.requests} requests through the draft")
     write_result(result, args.out)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
@@ -74,6 +75,7 @@ class TorchEngine(HFTokenizing):
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self.speculative = None  # SpeculativeDecoder, when a draft model is attached
+        self.speculation_judge = None  # SpeculationJudge: whether the draft pays (attach_draft)
         self._grammar_compiler = None  # engines/guided.Grammars, made at the first constrained request
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
         self.lora = LoRAManager(model, dtype=_param_dtype(model))
@@ -162,18 +164,42 @@ class TorchEngine(HFTokenizing):
                    dtype_choice=choice, quantization_kernel=kernel, linear_kernel=linear_kernel, lookup=lookup,
                    **batching)
 
-    def attach_draft(self, path: str, num_tokens: int) -> None:
+    def attach_draft(self, path: str, num_tokens: int, adaptive: bool = True) -> None:
+        """`adaptive`: a lone greedy request goes through the draft only while that decodes faster than the
+        plain path, both measured on this engine's requests (speculation_judge.py); False: always."""
+        from server.engines.torch.speculation_judge import SpeculationJudge
         from server.engines.torch.speculative import SpeculativeDecoder, load_draft
 
         draft = load_draft(path, self.model, self.tokenizer, _param_dtype(self.model), self.device)
         self.speculative = SpeculativeDecoder(self.model, draft, self.tokenizer, self.eos_ids, num_tokens, self.device)
+        self.speculation_judge = SpeculationJudge() if adaptive else None
 
     # ---- generation -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        path = None  # with a draft attached, a lone greedy request runs "draft" or "plain", measured
         if self.speculative is not None and self._speculate(request):
-            async for chunk in self._generate_speculative(request):
-                yield chunk
+            path = self.speculation_judge.choose() if self.speculation_judge else "draft"
+        chunks = self._generate_speculative(request) if path == "draft" else self._generate_batched(request)
+        if path is None or self.speculation_judge is None:
+            async with aclosing(chunks) as it:
+                async for chunk in it:
+                    yield chunk
             return
+        first = last = None
+        decoded = 0  # tokens after the first chunk
+        async with aclosing(chunks) as it:
+            async for chunk in it:
+                if chunk.token_ids:
+                    last = time.perf_counter()
+                    if first is None:
+                        first = last
+                    else:
+                        decoded += len(chunk.token_ids)
+                yield chunk
+        if first is not None and chunk.finish_reason not in ("abort", None):
+            self.speculation_judge.observe(path, decoded, last - first)
+
+    async def _generate_batched(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         slot = None
