@@ -41,16 +41,28 @@ def served_answers(base_url: str, model: str, prompts: list[str], max_tokens: in
 
 
 def _post(client: httpx.Client, url: str, body: dict) -> httpx.Response:
+    """The response; a busy server (429/503, honouring Retry-After up to 30 s) or a dropped connection is
+    tried again, a timeout is not (the server is working, only slowly)."""
     for attempt in range(_RETRIES):
+        last = attempt == _RETRIES - 1
         try:
             r = client.post(url, json=body)
+        except httpx.TimeoutException as exc:
+            raise ServedAnswerError(f"{url}: no answer within the timeout ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            if attempt == _RETRIES - 1:
+            if last:
                 raise ServedAnswerError(f"{url}: {type(exc).__name__}: {exc}") from exc
+            wait = 2.0 ** attempt
+        except httpx.HTTPError as exc:
+            raise ServedAnswerError(f"{url}: {type(exc).__name__}: {exc}") from exc
         else:
-            if r.status_code not in _BUSY or attempt == _RETRIES - 1:
+            if r.status_code not in _BUSY or last:
                 return r
-        time.sleep(2 ** attempt)
+            try:
+                wait = min(30.0, float(r.headers.get("retry-after", 2.0 ** attempt)))
+            except ValueError:
+                wait = 2.0 ** attempt
+        time.sleep(wait)
     raise AssertionError("unreachable")
 
 

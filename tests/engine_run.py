@@ -41,8 +41,8 @@ def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 class FreeTokens(StepCost):
-    """Extra tokens in a forward cost nothing: every draft is checked whole (the cost-based width would
+    """Extra tokens and draft checks cost nothing: every draft is checked whole (the cost-based width would
     skip most drafts of these low-acceptance models, and these tests are about exactness)."""
 
-    def ratio(self) -> float:
-        return 0.0
+    def shares(self) -> tuple[float, float]:
+        return 0.0, 0.0

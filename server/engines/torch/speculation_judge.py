@@ -13,6 +13,7 @@ costs next to nothing in the long run. Pure Python, no torch.
 from __future__ import annotations
 
 _SAMPLES = 3  # measured requests per path before judging
+_TRIES = 2 * _SAMPLES  # requests per path after which warm-up moves on even if few could be measured
 _PROBE = 16  # decisions before the path not chosen runs once to be re-measured (doubling while it loses)
 _MAX_PROBE = 512
 _EMA = 0.3  # weight of the newest measurement
@@ -23,6 +24,7 @@ class SpeculationJudge:
     def __init__(self):
         self.seconds_per_token = {"draft": None, "plain": None}
         self.samples = {"draft": 0, "plain": 0}
+        self.tries = {"draft": 0, "plain": 0}
         self.decisions = 0
         self.probes = 0
         self._interval = _PROBE
@@ -32,10 +34,14 @@ class SpeculationJudge:
     def choose(self) -> str:
         """"draft" or "plain" for the next lone greedy request."""
         self.decisions += 1
-        for path in ("draft", "plain"):
-            if self.samples[path] < _SAMPLES:
+        for path in ("draft", "plain"):  # warm-up; short or aborted answers measure nothing, so it is bounded
+            if self.samples[path] < _SAMPLES and self.tries[path] < _TRIES:
+                self.tries[path] += 1
                 return path
-        faster = min(self.seconds_per_token, key=self.seconds_per_token.get)
+        measured = {p: s for p, s in self.seconds_per_token.items() if s is not None}
+        if len(measured) < 2:  # one path never measured: keep to the plain path, unless only the draft was
+            return "plain" if "plain" in measured or not measured else "draft"
+        faster = min(measured, key=measured.get)
         self._since_probe += 1
         if self._since_probe >= self._interval:
             self._since_probe = 0
@@ -50,12 +56,14 @@ class SpeculationJudge:
             return
         now = seconds / tokens
         before = self.seconds_per_token[path]
-        self.seconds_per_token[path] = now if before is None else (1 - _EMA) * before + _EMA * now
         self.samples[path] += 1
-        if path == self._probing:  # still the slower path: wait twice as long before the next probe
+        if path == self._probing:  # a probe: its fresh figure replaces an average that may be old
             self._probing = None
-            slower = self.seconds_per_token[path] > min(self.seconds_per_token.values())
-            self._interval = min(2 * self._interval, _MAX_PROBE) if slower else _PROBE
+            self.seconds_per_token[path] = now
+            slower = now > min(v for v in self.seconds_per_token.values() if v is not None)
+            self._interval = min(2 * self._interval, _MAX_PROBE) if slower else _PROBE  # still slower: wait longer
+            return
+        self.seconds_per_token[path] = now if before is None else (1 - _EMA) * before + _EMA * now
 
     def speedup(self) -> float | None:
         """Plain seconds per token over the draft's: > 1 when the draft pays (None until both are measured)."""
