@@ -57,6 +57,11 @@ class CalibrationConfig:
     server: str | None = None  # OpenAI-compatible base URL that serves teacher and student (names)
     api_key: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.server and (self.teacher_cost is None or self.student_cost is None):
+            raise ValueError("with a server, give both costs (--teacher-cost, --student-cost): measure them with "
+                             "`slimserve compress cost MODEL [--quantization Q]` or `slimserve bench`")
+
 
 @dataclass
 class Answer:
@@ -197,9 +202,6 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
     prompts = prompts_of(cfg.prompts)
     if len(prompts) < 10:
         raise ValueError(f"{cfg.prompts} holds {len(prompts)} prompts; calibration needs at least 10")
-    if cfg.server and (cfg.teacher_cost is None or cfg.student_cost is None):
-        raise ValueError("with a server, give both costs (--teacher-cost, --student-cost): measure them with "
-                         "`slimserve compress cost MODEL [--quantization Q]` or `slimserve bench`")
     teacher = teacher_answers(cfg, prompts)
     student = answers_of(cfg, cfg.student, prompts, "student answers")
     costs = {"teacher": seconds_per_token(cfg.teacher, cfg.teacher_cost),

@@ -46,9 +46,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.server:  # model names on that server
         teacher, student = args.teacher, args.student
-        if args.teacher_cost is None or args.student_cost is None:
-            raise ConfigError("server", "with a server, give both costs (--teacher-cost, --student-cost): measure "
-                                        "them with `slimserve compress cost MODEL [--quantization Q]`")
         try:
             api_key = api_key_from(args.api_key_env)
         except ServedAnswerError as exc:
@@ -62,12 +59,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(name, f"{path} is not a model folder")
     if not args.prompts.is_file():
         raise ConfigError("prompts", f"no such file: {args.prompts}")
-    cfg = CalibrationConfig(teacher=teacher, student=student, prompts=args.prompts, out=args.out,
-                            features=args.features, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                            agree_threshold=args.agree_threshold, target_quality=args.target_quality,
-                            target_share=args.target_share, holdout_fraction=args.holdout_fraction, seed=args.seed,
-                            teacher_answers=args.teacher_answers, teacher_cost=args.teacher_cost,
-                            student_cost=args.student_cost, server=args.server, api_key=api_key)
+    try:  # a server needs both costs given (CalibrationConfig checks)
+        cfg = CalibrationConfig(teacher=teacher, student=student, prompts=args.prompts, out=args.out,
+                                features=args.features, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                agree_threshold=args.agree_threshold, target_quality=args.target_quality,
+                                target_share=args.target_share, holdout_fraction=args.holdout_fraction,
+                                seed=args.seed, teacher_answers=args.teacher_answers, teacher_cost=args.teacher_cost,
+                                student_cost=args.student_cost, server=args.server, api_key=api_key)
+    except ValueError as exc:
+        raise ConfigError("server", str(exc)) from exc
     try:
         report = calibrate(cfg)
     except ServedAnswerError as exc:

@@ -260,7 +260,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask.dtype not in (torch.bool, torch.uint8):  # bool is one 0/1 byte, read as is
         mask = mask.to(torch.uint8)
     mask = mask.contiguous()
-    out = (torch.zeros if skip_padding and w > 1 else torch.empty)((b, w, heads * dim), dtype=q.dtype)
+    skip = skip_padding and w > 1
+    out = (torch.zeros if skip else torch.empty)((b, w, heads * dim), dtype=q.dtype)
     threads = torch.get_num_threads()
     groups = heads // kv_heads
     if parts is None:  # few (row, kv head) tasks for the threads: split each group's heads
@@ -270,7 +271,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     failed = _library().slimserve_decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), b, heads, kv_heads, w, length,
         dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask.stride(0), scale,
-        int(q.dtype == torch.bfloat16), parts, int(skip_padding and w > 1), threads)
+        int(q.dtype == torch.bfloat16), parts, int(skip), threads)
     if failed:
         raise MemoryError(f"decode attention: no memory for the scores of {length} positions")
     return out

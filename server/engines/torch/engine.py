@@ -180,23 +180,19 @@ class TorchEngine(HFTokenizing):
         if self.speculative is not None and self._speculate(request):
             path = self.speculation_judge.choose() if self.speculation_judge else "draft"
         chunks = self._generate_speculative(request) if path == "draft" else self._generate_batched(request)
-        if path is None or self.speculation_judge is None:
-            async with aclosing(chunks) as it:
-                async for chunk in it:
-                    yield chunk
-            return
+        measure = path is not None and self.speculation_judge is not None
         first = last = None
         decoded = 0  # tokens after the first chunk
         async with aclosing(chunks) as it:
             async for chunk in it:
-                if chunk.token_ids:
+                if measure and chunk.token_ids:
                     last = time.perf_counter()
                     if first is None:
                         first = last
                     else:
                         decoded += len(chunk.token_ids)
                 yield chunk
-        if first is not None and chunk.finish_reason not in ("abort", None):
+        if measure and first is not None and chunk.finish_reason not in ("abort", None):
             self.speculation_judge.observe(path, decoded, last - first)
 
     async def _generate_batched(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
