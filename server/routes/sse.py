@@ -14,8 +14,13 @@ from server.http_errors import body_of
 log = logging.getLogger(__name__)
 
 
+# Characters a line-splitting client (str.splitlines, httpx's aiter_lines) breaks a line at that JSON leaves
+# raw inside strings (it escapes those below 0x20 itself): escaped, a token's text cannot cut a data line
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS)}\n\n"
 
 
 def sse_response(events: AsyncIterator[dict], headers: dict[str, str] | None = None) -> StreamingResponse:
