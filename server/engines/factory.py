@@ -8,7 +8,8 @@ from pathlib import Path
 from server.default_model import DEFAULT_MODEL_ID, default_model_dir
 from server.engines.base import Engine
 from server.engines.generation_defaults import sampling_defaults
-from server.engines.speculation_config import ngram_config, speculative_unsupported, vllm_speculative_config
+from server.engines.speculation_config import NgramConfig, speculative_unsupported, torch_speculation, \
+    vllm_speculative_config
 from server.errors import ConfigError
 from server.load_progress import LoadProgress
 from server.quantize_at_load import check as check_quantization, quantized_path, wants_quantizing
@@ -103,7 +104,7 @@ def check_speculative(settings: ServeSettings, setting: str) -> None:
     if not settings.speculative_config:
         return
     if settings.engine == "torch":
-        ngram_config(settings.speculative_config, setting)
+        torch_speculation(settings.speculative_config, setting)
     else:
         why = speculative_unsupported(vllm_speculative_config(settings.speculative_config))
         if why:
@@ -143,7 +144,8 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         raise ConfigError(sorted(vllm_only)[0], "this setting applies to the vllm engine only")
     from server.engines.torch.engine import TorchEngine
 
-    lookup = ngram_config(settings.speculative_config)  # refused here, before loading, unless method ngram
+    speculation = torch_speculation(settings.speculative_config)  # refused here, before loading, unless it runs
+    lookup = speculation if isinstance(speculation, NgramConfig) else None
     engine = TorchEngine.load(
         settings.model_id, path, dtype=settings.dtype, device=settings.device,
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
@@ -151,7 +153,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         quantization=settings.quantization, lookup=lookup, enable_prefix_caching=settings.enable_prefix_caching,
         prefix_cache_bytes=settings.prefix_cache_bytes, max_num_batched_tokens=settings.max_num_batched_tokens,
         prepack_weights=settings.prepack_weights, grouped_attention=settings.grouped_attention,
-        compile_decode=settings.compile_decode,
+        compile_decode=settings.compile_decode, self_draft=None if lookup else speculation,
     )
     if draft:
         engine.attach_draft(draft, num_speculative_tokens)

@@ -18,7 +18,7 @@ import torch
 from adapters.loader import check_finite
 from server.engines.base import Chunk, EngineCapabilities, EngineStats, GenerationRequest
 from server.engines.adapter_slots import AdapterSlots
-from server.engines.speculation_config import NgramConfig
+from server.engines.speculation_config import NgramConfig, QuantizedSelfConfig
 from server.engines.torch.dtype_choice import DtypeChoice, choose_dtype
 from server.engines.torch.lora import LoRAManager
 from server.engines.torch.prefix_cache import PrefixCache
@@ -50,7 +50,8 @@ class TorchEngine(HFTokenizing):
                  dtype_choice: DtypeChoice | None = None, quantization_kernel: str | None = None,
                  linear_kernel: str | None = None, lookup: NgramConfig | None = None, enable_prefix_caching: bool = True,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, max_num_batched_tokens: int | None = None,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, self_draft=None):
+        """`self_draft`: a self_draft.SelfDraft (speculative_config method quantized_self), or None."""
         from compress.load_time import weight_bytes
 
         self.model_id = model_id
@@ -83,7 +84,7 @@ class TorchEngine(HFTokenizing):
         self._scheduler = BatchScheduler(
             model, tokenizer, eos_ids=eos_ids, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens, device=device, pad_id=pad, lora=self.lora,
-            slots=self.adapter_slots, lookup=lookup,
+            slots=self.adapter_slots, lookup=lookup, self_draft=self_draft,
             prefix_cache=PrefixCache(prefix_cache_bytes) if enable_prefix_caching else None,
             chunk_tokens=max_num_batched_tokens or DEFAULT_CHUNK_TOKENS,
         )
@@ -93,8 +94,10 @@ class TorchEngine(HFTokenizing):
              max_model_len: int | None = None, max_num_seqs: int = 32, max_prefill_tokens: int = 8192,
              trust_remote_code: bool = False, quantization: str | None = None,
              lookup: NgramConfig | None = None, prepack_weights: bool = True, grouped_attention: bool = True,
-             **batching) -> "TorchEngine":
+             self_draft: QuantizedSelfConfig | None = None, **batching) -> "TorchEngine":
         """`batching`: enable_prefix_caching, prefix_cache_bytes, max_num_batched_tokens (see __init__).
+        `self_draft`: the model's own int4/int8 copy drafts for it (self_draft.py; speculative_config method
+        quantized_self); needs a full-precision model on a CPU, refused otherwise.
         `prepack_weights`: full-precision linears on oneDNN-packed weights where measured faster (prepack.py).
         `grouped_attention`: decode-step attention without sdpa's per-group copies of the cache (attention.py).
         `compile_decode` (a batching kwarg): decode steps through torch.compile, compiled at start (compiled_decode.py)."""
@@ -137,6 +140,7 @@ class TorchEngine(HFTokenizing):
             raise ConfigError("model", f"{path!s} is not a loadable causal LM: {exc}") from exc
         if not quantization or torch_kernels:
             model.to(dev)
+        draft = _self_draft(model, self_draft, quantization or (prequantized and _method_of(prequantized)), dev)
         if torch_kernels:
             from server.engines.torch.quantize_linears import quantize_linears
 
@@ -153,6 +157,8 @@ class TorchEngine(HFTokenizing):
             from server.engines.torch.attention import use_grouped_attention
 
             use_grouped_attention(model)
+            if draft is not None:
+                use_grouped_attention(draft.model)
         limit = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
         if max_model_len is not None and max_model_len > limit:
             raise ConfigError("max_model_len", f"{max_model_len} is above the model's {limit} positions")
@@ -162,7 +168,7 @@ class TorchEngine(HFTokenizing):
         return cls(model_id, model, tokenizer, max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method,
                    dtype_choice=choice, quantization_kernel=kernel, linear_kernel=linear_kernel, lookup=lookup,
-                   **batching)
+                   self_draft=draft, **batching)
 
     def attach_draft(self, path: str, num_tokens: int, adaptive: bool = True) -> None:
         """`adaptive`: a lone greedy request goes through the draft only while that decodes faster than the
@@ -306,30 +312,44 @@ class TorchEngine(HFTokenizing):
         from server.engines.torch.compiled_decode import CompiledDecode, why_not
         from server.engines.torch.runner import ModelRunner
 
-        reason = why_not(self.model, self.device)
-        if reason is None:
-            runner = self._scheduler.runner
-            try:
-                compiled = CompiledDecode(self.model, drafts=self._scheduler.lookup is not None)
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            else:
-                try:
-                    seconds = compiled.warm_up(ModelRunner(self.model, self.device, runner.pad_id))
-                except Exception as exc:  # inductor, the C++ compiler, a model it cannot trace: stay eager
-                    compiled.close()
-                    reason = f"compiling failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                else:
-                    runner.compiled = compiled
-                    log.info("decode step compiled in %.0f s", seconds)
-                    return "compiled"
-        log.warning("decode steps run eagerly: %s", reason)
-        return f"eager ({reason})"
+        scheduler = self._scheduler
+        drafting = scheduler.lookup is not None or scheduler.self_draft is not None
+        compiled, reason = self._compiled(self.model, drafts=drafting)
+        if compiled is None:
+            log.warning("decode steps run eagerly: %s", reason)
+            return f"eager ({reason})"
+        scheduler.runner.compiled = compiled
+        if scheduler.self_draft is not None:  # the draft copy's own step; eager where it does not compile
+            scheduler.self_draft.compiled, why = self._compiled(scheduler.self_draft.model, drafts=False)
+            if why:
+                log.warning("the self-speculation draft decodes eagerly: %s", why)
+        return "compiled"
+
+    def _compiled(self, model, drafts: bool):
+        """(CompiledDecode warmed up, None) or (None, why not)."""
+        from server.engines.torch.compiled_decode import CompiledDecode, why_not
+        from server.engines.torch.runner import ModelRunner
+
+        reason = why_not(model, self.device)
+        if reason is not None:
+            return None, reason
+        try:
+            compiled = CompiledDecode(model, drafts=drafts)
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        try:
+            seconds = compiled.warm_up(ModelRunner(model, self.device, self._scheduler.runner.pad_id))
+        except Exception as exc:  # inductor, the C++ compiler, a model it cannot trace: stay eager
+            compiled.close()
+            return None, f"compiling failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.info("decode step compiled in %.0f s", seconds)
+        return compiled, None
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._scheduler.stop)
-        if self._scheduler.runner.compiled is not None:
-            self._scheduler.runner.compiled.close()
+        for compiled in (self._scheduler.runner.compiled, getattr(self._scheduler.self_draft, "compiled", None)):
+            if compiled is not None:
+                compiled.close()
 
 
 async def _drain(queue: asyncio.Queue, abort) -> AsyncIterator[Chunk]:
@@ -350,6 +370,22 @@ async def _drain(queue: asyncio.Queue, abort) -> AsyncIterator[Chunk]:
     finally:
         if not finished:
             abort()
+
+
+def _self_draft(model, config: QuantizedSelfConfig | None, quantized: str | None, device: torch.device):
+    """The SelfDraft for speculative_config method quantized_self, built before the model's own linears are
+    prepacked (the copy quantizes nn.Linear layers); refused where it cannot help or run."""
+    if config is None:
+        return None
+    setting = "speculative_config.method"
+    if quantized:
+        raise ConfigError(setting, f"the model is served quantized ({quantized}); a quantized copy drafts for a "
+                                   "full-precision model (serve it without quantization)")
+    if device.type != "cpu":
+        raise ConfigError(setting, "quantized_self runs on a CPU (the draft uses torch's CPU int4/int8 kernels)")
+    from server.engines.torch.self_draft import SelfDraft, build_draft_model
+
+    return SelfDraft(build_draft_model(model, config.quantization), config)
 
 
 def _param_dtype(model) -> torch.dtype:

@@ -69,9 +69,12 @@ class RowDraft:
     backoff: int = _COOLDOWN
     proposed: int = 0
     accepted: int = 0
-    p: float = 0.6  # estimated chance that the model accepts the next draft token
-    _hits: float = 0.0
-    _tries: float = 0.0
+    chance: "AcceptanceChance" = field(default_factory=lambda: AcceptanceChance(0.6))
+
+    @property
+    def p(self) -> float:
+        """Estimated chance that the model accepts the next draft token."""
+        return self.chance.p
 
     def __post_init__(self) -> None:
         self.index = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
@@ -94,9 +97,7 @@ class RowDraft:
         self.proposed += proposed
         self.accepted += accepted
         self.trials += 1
-        self._hits = 0.8 * self._hits + accepted  # tokens tested: the accepted ones and the first rejected
-        self._tries = 0.8 * self._tries + accepted + (accepted < proposed)
-        self.p = (self._hits + 0.6) / (self._tries + 1.0)
+        self.chance.observe(proposed, accepted)
         self.rate = (1 - _EMA) * self.rate + _EMA * (accepted / proposed)
         if accepted == proposed:
             self.k = min(self.config.num_speculative_tokens, self.k + 1)
@@ -107,6 +108,25 @@ class RowDraft:
             self.backoff = min(self.backoff * 2, 1024)
         elif accepted:
             self.backoff = _COOLDOWN
+
+
+@dataclass
+class AcceptanceChance:
+    """A row's chance that the model accepts its next draft token: accepted over tested tokens (the
+    accepted ones and the first rejected), exponentially weighted, starting from `prior` (one try's worth)."""
+
+    prior: float
+    _hits: float = 0.0
+    _tries: float = 0.0
+
+    @property
+    def p(self) -> float:
+        return (self._hits + self.prior) / (self._tries + 1.0)
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self._hits = 0.8 * self._hits + accepted
+            self._tries = 0.8 * self._tries + accepted + (accepted < proposed)
 
 
 class _Sums:

@@ -90,6 +90,24 @@ class ModelRunner:
                          use_cache=True)
         return out.logits[:, -1, :]
 
+    def look_ahead(self, drafter, last_tokens: list[int], positions: list[int], k: int) -> list[list[int]]:
+        """k greedy tokens for every row from `drafter` (self_draft.SelfDraft: another model over this cache),
+        each step feeding the token before. The drafter's keys and values live only while it drafts: the
+        cache and mask are rolled back after, and the draft check writes the model's own at those columns."""
+        length, mask = self.cache.length, self.mask
+        ids = torch.tensor([[t] for t in last_tokens], device=self.device)
+        pos = torch.tensor([[p] for p in positions], device=self.device)
+        tokens = []
+        try:
+            for step in range(k):
+                self.mask = torch.cat([self.mask, self.mask.new_ones((len(last_tokens), 1))], dim=1)
+                ids = drafter.step(self, ids, pos + step).argmax(-1, keepdim=True)
+                tokens.append(ids)
+        finally:
+            self.mask = mask
+            self.cache.truncate(length)
+        return torch.cat(tokens, dim=1).tolist()
+
     def verify(self, rows: list[list[int]], positions: list[int], compiled: bool = True):
         """One step that feeds each row its last token and its draft (prompt lookup). Returns the logits
         of every fed position [fed, vocab] and where row i's position j sits in them ([rows, width]; a

@@ -4,8 +4,9 @@ Each loop: run queued jobs, admit waiting requests (admission.py), look up each 
 prefix (prefix_cache.py), prefill the next chunk of the prompts still prefilling together (chunking.py:
 a token budget per step while rows decode, so a long prompt never stalls them for its whole length),
 merge the KV rows of those done into the running batch (runner.py), then run one decode step for every running
-sequence and accept each row's token (acceptance.py). With prompt lookup on (prompt_lookup.py), the
-step also feeds each greedy row its draft and accepts, per row, the tokens the model agrees with. Finished and aborted sequences leave the batch
+sequence and accept each row's token (acceptance.py). With speculation on, the step also feeds each
+greedy row its draft (prompt lookup: prompt_lookup.py; the model's quantized copy: self_draft.py) and
+accepts, per row, the tokens the model agrees with. Finished and aborted sequences leave the batch
 between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
 """
 
@@ -28,8 +29,9 @@ from server.engines.torch.frame_headroom import run_with_headroom
 from server.engines.torch.openmp import release_idle_team
 from server.engines.torch.prefill_stage import PrefillStage
 from server.engines.torch.prefix_cache import PrefixCache
-from server.engines.torch.prompt_lookup import RowDraft, StepCost, choose_width, choose_widths, \
+from server.engines.torch.prompt_lookup import AcceptanceChance, RowDraft, StepCost, choose_width, choose_widths, \
     eligible as lookup_eligible
+from server.engines.torch.self_draft import PRIOR_CHANCE
 from server.engines.torch.runner import ModelRunner
 from server.engines.torch.sampling import Picked, RowState, pick_tokens
 from server.errors import EngineError, Overloaded
@@ -49,6 +51,7 @@ class Sequence:
     slot: int | None = None  # LoRA slot, held from submit to finish
     prompt_logprobs: list[TokenLogprob] | None = None  # scored at prefill, sent with the first chunk
     draft: RowDraft | None = None  # prompt lookup, for rows it applies to
+    chance: AcceptanceChance | None = None  # self-speculation: the row's acceptance, for rows it applies to
     computed: int = 0  # prompt tokens whose KV is known (cached prefix, earlier chunks)
     kv: torch.Tensor | None = None  # that KV, [layers, 2, heads, computed, dim], until the row joins the batch
 
@@ -66,7 +69,7 @@ class BatchScheduler(PrefillStage):
     def __init__(self, model, tokenizer, *, eos_ids: set[int], max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, pad_id: int, lora=None, slots=None,
                  lookup: NgramConfig | None = None, prefix_cache: PrefixCache | None = None,
-                 chunk_tokens: int = 256):
+                 chunk_tokens: int = 256, self_draft=None):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
@@ -87,6 +90,7 @@ class BatchScheduler(PrefillStage):
         self.steps = 0
         self.aborted = 0  # sequences stopped early because their client went away
         self.lookup = lookup  # prompt-lookup speculation, when configured
+        self.self_draft = self_draft  # self_draft.SelfDraft: the model's quantized copy drafts, when configured
         self.spec = SpecCounts()
         self.step_cost = StepCost()  # forward seconds vs tokens, for the draft width
 
@@ -101,6 +105,8 @@ class BatchScheduler(PrefillStage):
                                               self.max_model_len), slot=slot)
         if self.lookup is not None and lookup_eligible(req.params):
             seq.draft = RowDraft(self.lookup)
+        if self.self_draft is not None and lookup_eligible(req.params):
+            seq.chance = AcceptanceChance(PRIOR_CHANCE)
         if self._thread is not None and not self._thread.is_alive():
             raise Overloaded("the engine is not running; the server needs a restart", code="engine_dead")
         if self.queue.stopping:
@@ -185,10 +191,13 @@ class BatchScheduler(PrefillStage):
         rows = self._rows
         self._inject(rows, "step")
         self._route_adapters(rows)
-        started = time.perf_counter()  # with prompt lookup, whole steps are timed (StepCost)
+        started = time.perf_counter()  # with speculation on, whole steps are timed (StepCost)
         drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
+        if self.self_draft is not None and self._base_rows_only:
+            drafts = self._look_ahead(rows)
+            started = time.perf_counter()  # the draft check's own time, apart from the drafting
         if any(drafts):
-            chances = [s.draft.p if s.draft else 0.0 for s in rows]
+            chances = [(s.draft or s.chance).p if s.draft or s.chance else 0.0 for s in rows]
             ratio, overhead = self.step_cost.shares()
             if self.runner.packs_drafts(self._base_rows_only):  # each row pays for its own draft
                 widths = choose_widths(drafts, chances, ratio, overhead)
@@ -202,8 +211,11 @@ class BatchScheduler(PrefillStage):
         logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows],
                                     compiled=self._base_rows_only)
         self._accept(rows, self._pick(logits.float(), rows))
-        if self.lookup is not None:
-            self.step_cost.observe(len(rows), time.perf_counter() - started)
+        if self.lookup is not None or self.self_draft is not None:
+            seconds = time.perf_counter() - started
+            self.step_cost.observe(len(rows), seconds)
+            if self.self_draft is not None and self._base_rows_only:
+                self.self_draft.observe(len(rows), seconds)
 
     @property
     def _base_rows_only(self) -> bool:
@@ -214,9 +226,27 @@ class BatchScheduler(PrefillStage):
     def _propose(seq: Sequence) -> list[int]:
         if seq.draft is None or seq.done or seq.aborted:
             return []
+        return seq.draft.propose(seq.row.prompt_ids + seq.row.output_ids, BatchScheduler._room(seq))
+
+    def _look_ahead(self, rows: list[Sequence]) -> list[list[int]]:
+        """Self-speculation: each row's draft from the model's quantized copy, as long as the measured costs
+        say it pays (self_draft.SelfDraft.choose; [] for every row: a plain step)."""
+        rooms = [self._room(s) if s.chance is not None and not (s.done or s.aborted) else 0 for s in rows]
+        chances = [s.chance.p if room > 0 else None for s, room in zip(rows, rooms)]
+        k = self.self_draft.choose(chances, *self.step_cost.shares())
+        if k == 0:
+            return []
+        started = time.perf_counter()
+        tokens = self.runner.look_ahead(self.self_draft, [s.row.output_ids[-1] for s in rows],
+                                        [s.position for s in rows], k)
+        self.self_draft.observe(len(rows), time.perf_counter() - started, drafted=k)
+        return [t[:min(k, room)] for t, room in zip(tokens, rooms)]
+
+    @staticmethod
+    def _room(seq: Sequence) -> int:
+        """Draft tokens the row may take: the step also yields the model's own next token."""
         a = seq.acceptor
-        room = min(a.max_tokens, a.room) - a.generated - 1  # the step also yields the model's own next token
-        return seq.draft.propose(seq.row.prompt_ids + seq.row.output_ids, room)
+        return min(a.max_tokens, a.room) - a.generated - 1
 
     def _decode_drafts(self, rows: list[Sequence], drafts: list[list[int]], started: float) -> None:
         """One step that checks every row's draft: position j of row i is accepted (as a plain decode step
@@ -241,7 +271,7 @@ class BatchScheduler(PrefillStage):
                     alive.append(i)
         for seq, draft, k in zip(rows, drafts, kept):
             if draft:
-                seq.draft.observe(len(draft), k - 1)
+                (seq.draft or seq.chance).observe(len(draft), k - 1)
                 self.spec.add(len(draft), k - 1)
         self.runner.settle(kept, width)
         self.step_cost.observe(logits.shape[0], time.perf_counter() - started, draft=True)  # positions computed
