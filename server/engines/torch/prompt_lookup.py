@@ -128,6 +128,12 @@ class AcceptanceChance:
             self._hits = 0.8 * self._hits + accepted
             self._tries = 0.8 * self._tries + accepted + (accepted < proposed)
 
+    def forget(self, keep: float = 0.9) -> None:
+        """A step without a draft: the estimate drifts back toward the prior, so a row whose drafts failed
+        a while ago is tried again (~15 steps after one failure) instead of never again."""
+        self._hits *= keep
+        self._tries *= keep
+
 
 class _Sums:
     """Exponentially weighted sums over one kind of step: weight, tokens, seconds, tokens^2, tokens*seconds."""

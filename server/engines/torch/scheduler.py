@@ -235,6 +235,9 @@ class BatchScheduler(PrefillStage):
         chances = [s.chance.p if room > 0 else None for s, room in zip(rows, rooms)]
         k = self.self_draft.choose(chances, *self.step_cost.shares())
         if k == 0:
+            for seq, chance in zip(rows, chances):
+                if chance is not None:
+                    seq.chance.forget()
             return []
         started = time.perf_counter()
         tokens = self.runner.look_ahead(self.self_draft, [s.row.output_ids[-1] for s in rows],
