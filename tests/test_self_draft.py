@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from engine_run import FreeTokens
-from server.engines.speculation_config import QuantizedSelfConfig, speculative_unsupported, torch_speculation
+from server.engines.speculation_config import NgramConfig, QuantizedSelfConfig, speculative_unsupported, \
+    torch_speculation
+from server.engines.torch import linear_op
 from server.engines.torch.engine import TorchEngine
+from server.engines.torch.runner import ModelRunner
 from server.engines.torch.self_draft import SelfDraft, best_draft_length
 from server.errors import ConfigError
 from test_prompt_lookup import ROWS, _run
@@ -21,7 +25,7 @@ def _always_draft(engine: TorchEngine) -> SelfDraft:
     """Draft the most tokens whenever a row can take a draft (these tests are about exactness, and the
     tiny model's timings would decide otherwise now and then)."""
     self_draft = engine._scheduler.self_draft
-    self_draft.choose = lambda chances, ratio, overhead: self_draft.max_tokens if any(
+    self_draft.choose = lambda chances, ratio, overhead, packed=True, most=99: min(self_draft.max_tokens, most) if any(
         c is not None for c in chances) else 0
     engine._scheduler.step_cost = FreeTokens()
     return self_draft
@@ -65,6 +69,22 @@ def test_compiled_draft_and_check_give_the_same_output(tiny_model_dir, plain):
         assert _run(engine, ROWS) == _run(plain, ROWS)
         assert self_draft.compiled.steps > 0 and engine._scheduler.runner.compiled.draft_steps > 0
         assert self_draft.compiled.failures == 0 and engine._scheduler.runner.compiled.draft_failures == 0
+        # the copy's graph runs the copy's int4 layers, the model's graph the model's own
+        kinds = {type(linear_op._layer(slot)).__name__ for slot in self_draft.compiled.graph.slots}
+        assert "Int4Linear" in kinds and "Linear" not in kinds and "OneDNNLinear" not in kinds
+        assert "Int4Linear" not in {type(linear_op._layer(slot)).__name__
+                                    for slot in engine._scheduler.runner.compiled.graph.slots}
+        # and its step gives the copy's eager logits (and not the model's)
+        runner = ModelRunner(self_draft.model, engine.device, engine._scheduler.runner.pad_id)
+        prompt = engine.encode("The quick brown fox jumps over")
+        with torch.inference_mode():
+            runner.join(runner.prefill([prompt[:-1]])[1])
+            ids, pos = torch.tensor([[prompt[-1]]]), torch.tensor([[len(prompt) - 1]])
+            compiled_logits = runner._step(self_draft.model, self_draft.compiled, ids, pos)[0]
+            eager = self_draft.model(torch.tensor([prompt])).logits[0, -1]
+            model = engine.model(torch.tensor([prompt])).logits[0, -1]
+        copy_gap, model_gap = (compiled_logits - eager).abs().max(), (compiled_logits - model).abs().max()
+        assert copy_gap < 0.05 * model_gap, (copy_gap, model_gap)
     finally:
         asyncio.run(engine.shutdown())
 
@@ -72,24 +92,49 @@ def test_compiled_draft_and_check_give_the_same_output(tiny_model_dir, plain):
 def test_look_ahead_drafts_the_greedy_continuation_and_leaves_the_cache_as_it_was(tiny_model_dir):
     """With the model itself as the drafter, look_ahead's tokens are the model's greedy continuation (the
     positions, mask and cache columns of each step are right); after it, cache and mask are as before."""
-    import torch
-
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
     runner = engine._scheduler.runner
     drafter = SelfDraft(engine.model, QuantizedSelfConfig("int4", 4))
-    prompts = [engine.encode("The quick brown fox"), engine.encode("Numbers: 0 1 2 3 4 5")]
+    long = engine.encode("Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. " * 4)[:62]  # drafting outgrows the buffers
+    prompts = [engine.encode("The quick brown fox"), long]
     with torch.inference_mode():
         logits, rows = runner.prefill(prompts)
         runner.join(rows)
         first = logits[:, -1].argmax(-1).tolist()
         length, mask = runner.cache.length, runner.mask.clone()
+        capacity = runner.cache.layers[0]._k.shape[2]
         keys = runner.cache.layers[0].keys.clone()
-        tokens = runner.look_ahead(drafter, first, [len(p) for p in prompts], 4)
+        tokens = runner.look_ahead(drafter, first, [len(p) for p in prompts], 4, limit=10_000)
+        assert runner.cache.layers[0]._k.shape[2] > capacity  # the buffers grew while drafting
         assert runner.cache.length == length and torch.equal(runner.mask, mask)
         assert torch.equal(runner.cache.layers[0].keys, keys)
         for prompt, t0, drafted in zip(prompts, first, tokens):
             full = torch.tensor([prompt + [t0] + drafted[:3]])
             assert engine.model(full).logits[0, -4:].argmax(-1).tolist() == drafted
+
+
+def test_a_failing_draft_costs_only_itself(tiny_model_dir, plain):
+    """A draft that raises: the cache is rolled back, the step runs plain, every request completes with the
+    model's own output; after three failures drafting stops."""
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", self_draft=QuantizedSelfConfig("int4", 4))
+    self_draft = _always_draft(engine)
+    model = self_draft.model
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) % 2 == 0:  # a draft's second step: the first step's keys are in the cache
+            raise RuntimeError("injected draft failure")
+        return model(*args, **kwargs)
+
+    self_draft.model = broken
+    asyncio.run(engine.start())
+    try:
+        assert _run(engine, ROWS) == _run(plain, ROWS)
+        assert self_draft.failures == 3 and not self_draft.usable and "injected" in self_draft.last_error
+        assert engine.health()
+    finally:
+        asyncio.run(engine.shutdown())
 
 
 def test_draft_length_follows_costs_and_acceptance():
@@ -102,6 +147,10 @@ def test_draft_length_follows_costs_and_acceptance():
     one_row = best_draft_length([0.9], 6, share=0.5, ratio=0.05, overhead=0.1)
     many = best_draft_length([0.9] * 16, 6, share=0.5, ratio=0.05, overhead=0.1)
     assert one_row > many
+    # a dense check (eager) makes rows without a draft pay for the others' tokens too
+    mixed = [0.99] + [None] * 3
+    assert best_draft_length(mixed, 6, 0.1, 0.05, 0.05) == 6
+    assert best_draft_length(mixed, 6, 0.1, 0.05, 0.05, packed=False) == 0
 
 
 def test_choose_times_a_plain_step_first_then_follows_measured_costs():
@@ -140,6 +189,15 @@ def test_configuration_reading_and_where_it_cannot_run(tiny_model_dir):
     with pytest.raises(ConfigError, match="served quantized"):
         TorchEngine.load("tiny", tiny_model_dir, dtype="float32", quantization="int8",
                          self_draft=QuantizedSelfConfig())
+    with pytest.raises(ConfigError, match="one speculative method"):
+        TorchEngine.load("tiny", tiny_model_dir, dtype="float32", lookup=NgramConfig(), self_draft=QuantizedSelfConfig())
+    from server.engines.factory import check_speculative
+    from server.settings import load_settings
+
+    settings = load_settings(model=str(tiny_model_dir), quantization="int4",
+                             speculative_config={"method": "quantized_self"})
+    with pytest.raises(ConfigError, match="served quantized"):  # refused before anything loads
+        check_speculative(settings, "speculative_config")
 
 
 def test_settings_build_an_engine_that_drafts(tiny_model_dir):
@@ -151,8 +209,9 @@ def test_settings_build_an_engine_that_drafts(tiny_model_dir):
     engine = build_engines(settings)[settings.model_id]
     assert engine._scheduler.self_draft.config == QuantizedSelfConfig("int4", 2)
     assert engine._scheduler.lookup is None
-    # the copy shares the embedding; its linears are quantized, the model's are not
+    # the copy shares the embedding and norms' tensors; its linears are quantized, the model's are not
     draft = engine._scheduler.self_draft.model
-    assert draft.get_input_embeddings() is engine.model.get_input_embeddings()
+    assert draft.get_input_embeddings().weight is engine.model.get_input_embeddings().weight
+    assert draft.model.norm.weight is engine.model.model.norm.weight
     assert type(draft.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     assert type(engine.model.model.layers[0].mlp.down_proj).__name__ != "Int4Linear"

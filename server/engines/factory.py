@@ -104,7 +104,10 @@ def check_speculative(settings: ServeSettings, setting: str) -> None:
     if not settings.speculative_config:
         return
     if settings.engine == "torch":
-        torch_speculation(settings.speculative_config, setting)
+        speculation = torch_speculation(settings.speculative_config, setting)
+        if settings.quantization and not isinstance(speculation, NgramConfig):  # before loading anything
+            raise ConfigError(f"{setting}.method", f"the model is served quantized ({settings.quantization}); a "
+                                                   "quantized copy drafts for a full-precision model")
     else:
         why = speculative_unsupported(vllm_speculative_config(settings.speculative_config))
         if why:

@@ -1,8 +1,10 @@
-"""Prompt-lookup speculation speed-up: the same greedy chat requests to a server without and a server
-with `--speculative-config '{"method": "ngram", ...}'`, on input-grounded prompts (repeat, quote,
-rewrite, extract from a given text) and on open questions, one request at a time and 16 at once.
+"""Speculation speed-up on the PyTorch engine: the same greedy chat requests to a server without and a
+server with `--speculative-config` (prompt lookup, '{"method": "ngram", ...}', by default; or
+'{"method": "quantized_self"}', the model's own int4 copy drafting), on input-grounded prompts (repeat,
+quote, rewrite, extract from a given text) and on open questions, one request at a time and 16 at once.
 
     python -m tests.bench.prompt_lookup [--dtype float32] [--max-tokens 96] [--concurrency 1,16]
+    python -m tests.bench.prompt_lookup --speculative-config '{"method": "quantized_self"}' --out ...
 
 Both servers (the embedded SmolLM2-135M-Instruct unless --server-arg --model=...) run side by side and
 take turns, prompt by prompt at c=1 and round by round at c=16, order swapped each turn (this
@@ -94,7 +96,7 @@ async def measure(urls: dict[str, str], model: str, prompts: list[str], concurre
     totals = {k: [0, 0.0] for k in urls}
     texts: dict[str, list[str]] = {k: [] for k in urls}
     async with httpx.AsyncClient(timeout=1800) as client:
-        before = await spec_counts(client, urls["lookup"])
+        before = await spec_counts(client, urls["spec"])
         turns = [[p] for p in prompts] if concurrency == 1 else [prompts[:concurrency]] * rounds
         for i, batch in enumerate(turns):
             for name in (list(urls) if i % 2 == 0 else list(urls)[::-1]):
@@ -103,12 +105,12 @@ async def measure(urls: dict[str, str], model: str, prompts: list[str], concurre
                 totals[name][0] += sum(n for _, n, _ in results)
                 totals[name][1] += time.perf_counter() - t0
                 texts[name] += [t for t, _, _ in results]
-        after = await spec_counts(client, urls["lookup"])
+        after = await spec_counts(client, urls["spec"])
     tok_s = {k: n / s for k, (n, s) in totals.items()}
     proposed, accepted = after[0] - before[0], after[1] - before[1]
     return {"concurrency": concurrency, "requests": len(texts["plain"]), "plain_tok_s": tok_s["plain"],
-            "lookup_tok_s": tok_s["lookup"], "speedup": tok_s["lookup"] / tok_s["plain"],
-            "identical_texts": sum(a == b for a, b in zip(texts["plain"], texts["lookup"])),
+            "spec_tok_s": tok_s["spec"], "speedup": tok_s["spec"] / tok_s["plain"],
+            "identical_texts": sum(a == b for a, b in zip(texts["plain"], texts["spec"])),
             "draft_tokens": proposed, "accepted_tokens": accepted,
             "acceptance": accepted / proposed if proposed else None,
             "tokens": {k: n for k, (n, _) in totals.items()}}
@@ -129,8 +131,10 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(1.3, ls="--", c="tab:blue", lw=1, label="target, grounded (1.3x)")
     ax.axhline(0.95, ls=":", c="tab:orange", lw=1, label="target, open (0.95x)")
     ax.axhline(1.0, c="grey", lw=0.5)
-    ax.set_ylabel("tok/s with prompt lookup / without")
-    ax.set_title(f"Prompt lookup, {Path(result['model']).name}, greedy\n{summary(result['cpu'])}", fontsize=9)
+    ax.set_ylabel("tok/s with speculation / without")
+    method = result["speculative_config"].get("method")
+    ax.set_title(f"Speculation ({method}), {Path(result['model']).name}, {result['dtype']}, greedy\n"
+                 f"{summary(result['cpu'])}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -160,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="prompt-lookup-"))
     with ExitStack() as stack:
         urls = {"plain": stack.enter_context(serving(base, logs / "plain.log")).base_url,
-                "lookup": stack.enter_context(serving(base + ["--speculative-config", args.speculative_config],
-                                                      logs / "lookup.log")).base_url}
+                "spec": stack.enter_context(serving(base + ["--speculative-config", args.speculative_config],
+                                                    logs / "spec.log")).base_url}
         model = httpx.get(f"{urls['plain']}/v1/models").json()["data"][0]["id"]
 
         async def run() -> list[dict]:
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in concurrencies:
                     prompts = sets[name][: args.c1_prompts] if c == 1 else sets[name]
                     r = {"prompts": name, **await measure(urls, model, prompts, c, args.rounds, args.max_tokens)}
-                    print(f"{name:9s} c={c:<3d} plain {r['plain_tok_s']:6.1f} tok/s, lookup {r['lookup_tok_s']:6.1f}"
+                    print(f"{name:9s} c={c:<3d} plain {r['plain_tok_s']:6.1f} tok/s, speculation {r['spec_tok_s']:6.1f}"
                           f" tok/s: {r['speedup']:.2f}x; identical {r['identical_texts']}/{r['requests']}; accepted "
                           f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f} drafted tokens")
                     runs.append(r)

@@ -140,7 +140,8 @@ class TorchEngine(HFTokenizing):
             raise ConfigError("model", f"{path!s} is not a loadable causal LM: {exc}") from exc
         if not quantization or torch_kernels:
             model.to(dev)
-        draft = _self_draft(model, self_draft, quantization or (prequantized and _method_of(prequantized)), dev)
+        draft = _self_draft(model, self_draft, lookup, quantization or (prequantized and _method_of(prequantized)),
+                            dev)
         if torch_kernels:
             from server.engines.torch.quantize_linears import quantize_linears
 
@@ -309,9 +310,6 @@ class TorchEngine(HFTokenizing):
             self.decode_step = await asyncio.wrap_future(self._scheduler.call(self._compile_decode))
 
     def _compile_decode(self) -> str:
-        from server.engines.torch.compiled_decode import CompiledDecode, why_not
-        from server.engines.torch.runner import ModelRunner
-
         scheduler = self._scheduler
         drafting = scheduler.lookup is not None or scheduler.self_draft is not None
         compiled, reason = self._compiled(self.model, drafts=drafting)
@@ -372,12 +370,15 @@ async def _drain(queue: asyncio.Queue, abort) -> AsyncIterator[Chunk]:
             abort()
 
 
-def _self_draft(model, config: QuantizedSelfConfig | None, quantized: str | None, device: torch.device):
+def _self_draft(model, config: QuantizedSelfConfig | None, lookup: NgramConfig | None, quantized: str | None,
+                device: torch.device):
     """The SelfDraft for speculative_config method quantized_self, built before the model's own linears are
     prepacked (the copy quantizes nn.Linear layers); refused where it cannot help or run."""
     if config is None:
         return None
     setting = "speculative_config.method"
+    if lookup is not None:
+        raise ConfigError(setting, "one speculative method at a time: prompt lookup or quantized_self")
     if quantized:
         raise ConfigError(setting, f"the model is served quantized ({quantized}); a quantized copy drafts for a "
                                    "full-precision model (serve it without quantization)")

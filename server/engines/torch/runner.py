@@ -81,18 +81,24 @@ class ModelRunner:
         compiled step may run it (False: rows with adapters, which it does not model)."""
         ids = torch.tensor([[t] for t in last_tokens], device=self.device)
         pos = torch.tensor([[p] for p in positions], device=self.device)
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(last_tokens), 1))], dim=1)
-        if compiled and self.compiled is not None and self.compiled.usable:
-            logits = self.compiled.step(self, ids, pos)
+        return self._step(self.model, self.compiled if compiled else None, ids, pos)
+
+    def _step(self, model, compiled, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step of `model` over this cache (the compiled step when it can run): a mask column
+        more, keys and values written at the next column; next-token logits [rows, vocab]."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((ids.shape[0], 1))], dim=1)
+        if compiled is not None and compiled.usable:
+            logits = compiled.step(self, ids, pos)
             if logits is not None:
                 return logits[:, -1, :]
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                    use_cache=True)
         return out.logits[:, -1, :]
 
-    def look_ahead(self, drafter, last_tokens: list[int], positions: list[int], k: int) -> list[list[int]]:
-        """k greedy tokens for every row from `drafter` (self_draft.SelfDraft: another model over this cache),
-        each step feeding the token before. The drafter's keys and values live only while it drafts: the
+    def look_ahead(self, drafter, last_tokens: list[int], positions: list[int], k: int, limit: int) -> list[list[int]]:
+        """k greedy tokens for every row from `drafter` (self_draft.SelfDraft: its model and compiled step,
+        over this cache), each step feeding the token before; positions stop at `limit` (the context's last:
+        rows that take no draft are fed along). The drafter's keys and values live only while it drafts: the
         cache and mask are rolled back after, and the draft check writes the model's own at those columns."""
         length, mask = self.cache.length, self.mask
         ids = torch.tensor([[t] for t in last_tokens], device=self.device)
@@ -100,12 +106,13 @@ class ModelRunner:
         tokens = []
         try:
             for step in range(k):
-                self.mask = torch.cat([self.mask, self.mask.new_ones((len(last_tokens), 1))], dim=1)
-                ids = drafter.step(self, ids, pos + step).argmax(-1, keepdim=True)
+                ids = self._step(drafter.model, drafter.compiled, ids, (pos + step).clamp(max=limit))
+                ids = ids.argmax(-1, keepdim=True)
                 tokens.append(ids)
         finally:
             self.mask = mask
             self.cache.truncate(length)
+        drafter.draft_steps += k
         return torch.cat(tokens, dim=1).tolist()
 
     def verify(self, rows: list[list[int]], positions: list[int], compiled: bool = True):

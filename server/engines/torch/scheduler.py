@@ -193,7 +193,7 @@ class BatchScheduler(PrefillStage):
         self._route_adapters(rows)
         started = time.perf_counter()  # with speculation on, whole steps are timed (StepCost)
         drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
-        if self.self_draft is not None and self._base_rows_only:
+        if self.self_draft is not None and self.self_draft.usable and self._base_rows_only:
             drafts = self._look_ahead(rows)
             started = time.perf_counter()  # the draft check's own time, apart from the drafting
         if any(drafts):
@@ -214,7 +214,7 @@ class BatchScheduler(PrefillStage):
         if self.lookup is not None or self.self_draft is not None:
             seconds = time.perf_counter() - started
             self.step_cost.observe(len(rows), seconds)
-            if self.self_draft is not None and self._base_rows_only:
+            if self.self_draft is not None and self.self_draft.usable and self._base_rows_only:
                 self.self_draft.observe(len(rows), seconds)
 
     @property
@@ -230,20 +230,32 @@ class BatchScheduler(PrefillStage):
 
     def _look_ahead(self, rows: list[Sequence]) -> list[list[int]]:
         """Self-speculation: each row's draft from the model's quantized copy, as long as the measured costs
-        say it pays (self_draft.SelfDraft.choose; [] for every row: a plain step)."""
+        say it pays (self_draft.SelfDraft.choose; [] for every row: a plain step). A draft that raises costs
+        only itself: the runner has rolled the cache back, the step goes on plain."""
         rooms = [self._room(s) if s.chance is not None and not (s.done or s.aborted) else 0 for s in rows]
         chances = [s.chance.p if room > 0 else None for s, room in zip(rows, rooms)]
-        k = self.self_draft.choose(chances, *self.step_cost.shares())
+        k = self.self_draft.choose(chances, *self.step_cost.shares(), packed=self.runner.packs_drafts(),
+                                   most=max(rooms))
         if k == 0:
-            for seq, chance in zip(rows, chances):
-                if chance is not None:
-                    seq.chance.forget()
+            self._forget([s for s, p in zip(rows, chances) if p is not None])
             return []
         started = time.perf_counter()
-        tokens = self.runner.look_ahead(self.self_draft, [s.row.output_ids[-1] for s in rows],
-                                        [s.position for s in rows], k)
+        try:
+            tokens = self.runner.look_ahead(self.self_draft, [s.row.output_ids[-1] for s in rows],
+                                            [s.position for s in rows], k, self.max_model_len - 1)
+        except Exception as exc:
+            log.exception("self-speculation draft failed")
+            self.self_draft.failed(exc)
+            return []
         self.self_draft.observe(len(rows), time.perf_counter() - started, drafted=k)
         return [t[:min(k, room)] for t, room in zip(tokens, rooms)]
+
+    @staticmethod
+    def _forget(seqs: list[Sequence]) -> None:
+        """Rows that could have drafted and did not this step: their acceptance drifts back to the prior."""
+        for seq in seqs:
+            if seq.chance is not None:
+                seq.chance.forget()
 
     @staticmethod
     def _room(seq: Sequence) -> int:
@@ -276,6 +288,7 @@ class BatchScheduler(PrefillStage):
             if draft:
                 (seq.draft or seq.chance).observe(len(draft), k - 1)
                 self.spec.add(len(draft), k - 1)
+        self._forget([s for s, d in zip(rows, drafts) if not d])  # cut to nothing by the check's widths
         self.runner.settle(kept, width)
         self.step_cost.observe(logits.shape[0], time.perf_counter() - started, draft=True)  # positions computed
 
@@ -394,7 +407,7 @@ class BatchScheduler(PrefillStage):
 
 @dataclass
 class SpecCounts:
-    """Prompt lookup so far (cumulative; read by EngineStats): drafts checked, tokens proposed, accepted."""
+    """Speculation so far (cumulative; read by EngineStats): drafts checked, tokens proposed, accepted."""
 
     drafts: int = 0
     proposed: int = 0

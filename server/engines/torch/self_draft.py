@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 
-import torch
 from torch import nn
 
 from server.engines.speculation_config import QuantizedSelfConfig
@@ -30,16 +29,17 @@ PRIOR_CHANCE = 0.9  # a new row's chance that the model accepts a draft token (m
 _PRIOR_SHARE = {"int4": 0.6, "int8": 0.7}  # a draft step over a plain step of as many rows, until measured
 _EMA = 0.2
 _REFRESH = 64  # steps of a batch size after which the unused path is timed once more
+_MAX_FAILURES = 3
 
 
 def build_draft_model(model: nn.Module, quantization: str) -> nn.Module:
     """The served model's copy with every linear on slimserve's int4/int8 kernels (quantize_linears.py);
-    the token embedding is shared with the model, not copied."""
+    everything else (embedding, norms) shares the model's tensors, so loading never holds two full copies."""
     from server.engines.torch.quantize_linears import quantize_linears
 
-    draft = copy.deepcopy(model)
-    report = quantize_linears(draft, quantization)
-    draft.set_input_embeddings(model.get_input_embeddings())
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # copy the modules, not the tensors
+    draft = copy.deepcopy(model, memo=shared)
+    report = quantize_linears(draft, quantization)  # swaps the copy's linears for new modules
     log.info("self-speculation draft: the model's %s copy (%s)", quantization, report["kernel"])
     return draft.eval()
 
@@ -58,8 +58,11 @@ class _Timing:
         self.plain_at = self.draft_at = -1
 
     def add(self, kind: str, seconds: float, step: int) -> None:
-        before = getattr(self, kind)
-        setattr(self, kind, seconds if before is None else (1 - _EMA) * before + _EMA * seconds)
+        """A fresh figure replaces one timed over _REFRESH steps ago (else one outlier, blended in only at
+        each refresh, would steer the choice for hundreds of steps); a recent one is averaged in."""
+        before, at = getattr(self, kind), getattr(self, f"{kind}_at")
+        fresh = before is None or step - at > _REFRESH
+        setattr(self, kind, seconds if fresh else (1 - _EMA) * before + _EMA * seconds)
         setattr(self, f"{kind}_at", step)
 
 
@@ -71,30 +74,31 @@ class SelfDraft:
         self._timings: dict[int, _Timing] = {}
         self._steps = 0  # decode steps seen (the clock the refresh counts on)
         self.draft_steps = 0  # the copy's forward steps run (a test reads it)
+        self.failures = 0  # drafts that raised; at _MAX_FAILURES drafting stops (`usable`)
+        self.last_error = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.failures < _MAX_FAILURES
+
+    def failed(self, exc: Exception) -> None:
+        """A draft raised (the runner has rolled the cache back): the step goes on without it."""
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("self-speculation draft failed (%d of %d before it stops): %s", self.failures, _MAX_FAILURES,
+                    self.last_error.splitlines()[0] if self.last_error else "")
 
     @property
     def max_tokens(self) -> int:
         return self.config.num_speculative_tokens
 
-    # ---- the draft itself -----------------------------------------------------------------------
-    def step(self, runner, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [rows, vocab] of the copy over runner's cache and mask (its new column already
-        in the mask); writes the copy's keys and values at the cache's next column."""
-        self.draft_steps += 1
-        if self.compiled is not None and self.compiled.usable:
-            logits = self.compiled.step(runner, ids, positions)
-            if logits is not None:
-                return logits[:, -1, :]
-        out = self.model(input_ids=ids, attention_mask=runner.mask, position_ids=positions,
-                         past_key_values=runner.cache, use_cache=True)
-        return out.logits[:, -1, :]
-
     # ---- how many tokens to draft ---------------------------------------------------------------
-    def choose(self, chances: list[float | None], ratio: float, overhead: float) -> int:
-        """Tokens to draft this step (0: a plain step), for rows whose chances of acceptance are these
-        (None: a row that takes no draft). Maximises expected tokens per second: a draft of k costs k draft
-        steps plus a draft check of rows + k * (drafting rows) tokens, in units of a plain step of as many
-        rows (`ratio`, `overhead`: StepCost.shares, relative to a step's fixed cost)."""
+    def choose(self, chances: list[float | None], ratio: float, overhead: float, packed: bool = True,
+               most: int | None = None) -> int:
+        """Tokens to draft this step (0: a plain step), at most `most`, for rows whose chances of acceptance
+        are these (None: a row that takes no draft). Maximises expected tokens per second: a draft of k costs
+        k draft steps plus a draft check (best_draft_length), in units of a plain step of as many rows
+        (`ratio`, `overhead`: StepCost.shares, relative to a step's fixed cost)."""
         self._steps += 1
         rows = len(chances)
         timing = self._timings.setdefault(bucket(rows), _Timing())
@@ -103,7 +107,8 @@ class SelfDraft:
         share = _PRIOR_SHARE[self.config.quantization] if timing.draft is None else timing.draft / timing.plain
         if timing.draft is not None and self._steps - timing.draft_at > _REFRESH:
             share = min(share, _PRIOR_SHARE[self.config.quantization])  # stale: try drafting again
-        return best_draft_length(chances, self.max_tokens, share, ratio, overhead)
+        most = self.max_tokens if most is None else min(most, self.max_tokens)
+        return best_draft_length(chances, most, share, ratio, overhead, packed)
 
     def observe(self, rows: int, seconds: float, drafted: int = 0) -> None:
         """A plain step (drafted 0) or a draft of `drafted` tokens took `seconds` for `rows` rows."""
@@ -114,11 +119,13 @@ class SelfDraft:
             timing.add("plain", seconds, self._steps)
 
 
-def best_draft_length(chances: list[float | None], most: int, share: float, ratio: float, overhead: float) -> int:
+def best_draft_length(chances: list[float | None], most: int, share: float, ratio: float, overhead: float,
+                      packed: bool = True) -> int:
     """The draft length k (0..most) with the most expected tokens per unit of time, where a plain step of
     the batch costs 1, a draft step `share`, and a draft check (1 + overhead + ratio * tokens fed) / (1 +
-    ratio * rows). Row i accepts k drafted tokens' prefix with chance p_i per token: it yields
-    (1 - p^(k+1)) / (1 - p) tokens; a row without a draft yields 1."""
+    ratio * rows); it feeds rows + k * (drafting rows) tokens when `packed` (the compiled check), else
+    every row k + 1 (one dense forward). Row i accepts k drafted tokens' prefix with chance p_i per token:
+    it yields (1 - p^(k+1)) / (1 - p) tokens; a row without a draft yields 1."""
     rows = len(chances)
     drafting = [min(p, 0.999) for p in chances if p is not None]
     if not drafting:
@@ -127,7 +134,8 @@ def best_draft_length(chances: list[float | None], most: int, share: float, rati
     best, best_rate = 0, float(rows)
     for k in range(1, most + 1):
         tokens = rows - len(drafting) + sum((1 - p ** (k + 1)) / (1 - p) for p in drafting)
-        cost = k * share + (1 + overhead + ratio * (rows + k * len(drafting))) / plain
+        fed = rows + k * (len(drafting) if packed else rows)
+        cost = k * share + (1 + overhead + ratio * fed) / plain
         if tokens / cost > best_rate:
             best, best_rate = k, tokens / cost
     return best
