@@ -173,7 +173,9 @@ def test_choose_times_a_plain_step_first_then_follows_measured_costs():
 @pytest.mark.parametrize("raw, setting", [
     ({"method": "quantized_self", "quantization": "nf4"}, "speculative_config.quantization"),
     ({"method": "quantized_self", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
-    ({"method": "quantized_self", "prompt_lookup_max": 3}, "speculative_config.prompt_lookup_max"),
+    ({"method": "quantized_self", "lookahead": 3}, "speculative_config.lookahead"),
+    ({"method": "quantized_self", "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     "speculative_config.prompt_lookup_min"),
 ])
 def test_bad_configurations_are_refused_naming_the_key(raw, setting):
     with pytest.raises(ConfigError) as err:
@@ -189,7 +191,7 @@ def test_configuration_reading_and_where_it_cannot_run(tiny_model_dir):
     with pytest.raises(ConfigError, match="served quantized"):
         TorchEngine.load("tiny", tiny_model_dir, dtype="float32", quantization="int8",
                          self_draft=QuantizedSelfConfig())
-    with pytest.raises(ConfigError, match="one speculative method"):
+    with pytest.raises(ConfigError, match="only as its `lookup`"):
         TorchEngine.load("tiny", tiny_model_dir, dtype="float32", lookup=NgramConfig(), self_draft=QuantizedSelfConfig())
     from server.engines.factory import check_speculative
     from server.settings import load_settings
@@ -215,3 +217,24 @@ def test_settings_build_an_engine_that_drafts(tiny_model_dir):
     assert draft.model.norm.weight is engine.model.model.norm.weight
     assert type(draft.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     assert type(engine.model.model.layers[0].mlp.down_proj).__name__ != "Int4Linear"
+
+
+def test_prompt_lookup_first_then_the_copy(tiny_model_dir, plain):
+    """quantized_self with prompt_lookup_max/min: rows prompt lookup finds a draft for take it, the others
+    the copy's; output unchanged, both kinds of draft checked."""
+    config = torch_speculation({"method": "quantized_self", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                                "prompt_lookup_min": 1})
+    assert config.lookup == NgramConfig(3, 3, 1)
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", self_draft=config)
+    self_draft = _always_draft(engine)
+    scheduler = engine._scheduler
+    assert scheduler.lookup == config.lookup
+    lookup_drafts = []
+    propose = scheduler._propose
+    scheduler._propose = lambda seq: lookup_drafts.append(propose(seq)) or lookup_drafts[-1]
+    asyncio.run(engine.start())
+    try:
+        assert _run(engine, ROWS) == _run(plain, ROWS)
+        assert any(lookup_drafts) and self_draft.draft_steps > 0  # both kinds drafted
+    finally:
+        asyncio.run(engine.shutdown())

@@ -15,7 +15,7 @@ from server.errors import ConfigError
 
 SETTING = "speculative_config"
 _NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
-_SELF_KEYS = {"method", "num_speculative_tokens", "quantization"}
+_SELF_KEYS = {"method", "num_speculative_tokens", "quantization", "prompt_lookup_max", "prompt_lookup_min"}
 SELF_METHOD = "quantized_self"
 SELF_QUANTIZATIONS = ("int4", "int8")
 
@@ -35,10 +35,12 @@ class QuantizedSelfConfig:
     """Self-speculation: a copy of the served model with its linears quantized (`quantization`, on
     slimserve's int4/int8 kernels) proposes up to num_speculative_tokens a step; the served model checks
     them. Measured on SmolLM2 (bf16, teacher-forced): the int4 copy's greedy token equals the model's on
-    98% of positions, the int8 copy's on 97%."""
+    98% of positions, the int8 copy's on 97%. With prompt_lookup_max/min given, prompt lookup drafts
+    first and the copy drafts only for rows it finds nothing for."""
 
     quantization: str = "int4"
     num_speculative_tokens: int = 6
+    lookup: NgramConfig | None = None  # prompt lookup first (when it finds a draft), the copy for other rows
 
 
 def torch_speculation(raw: dict[str, Any] | None, setting: str = SETTING) -> NgramConfig | QuantizedSelfConfig | None:
@@ -61,7 +63,11 @@ def _self_config(raw: dict[str, Any], setting: str) -> QuantizedSelfConfig:
         raise ConfigError(f"{setting}.quantization", f"the draft copy is quantized with one of "
                                                      f"{list(SELF_QUANTIZATIONS)}; got {quantization!r}")
     values = _small_ints(raw, ("num_speculative_tokens",), setting)
-    return QuantizedSelfConfig(quantization, **values)
+    lookup = None
+    if "prompt_lookup_max" in raw or "prompt_lookup_min" in raw:
+        keys = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+        lookup = ngram_config({"method": "ngram", **{k: raw[k] for k in keys if k in raw}}, setting)
+    return QuantizedSelfConfig(quantization, lookup=lookup, **values)
 
 
 def _small_ints(raw: dict[str, Any], keys: tuple[str, ...], setting: str) -> dict[str, int]:

@@ -142,6 +142,7 @@ class TorchEngine(HFTokenizing):
             model.to(dev)
         draft = _self_draft(model, self_draft, lookup, quantization or (prequantized and _method_of(prequantized)),
                             dev)
+        lookup = lookup or (self_draft.lookup if self_draft else None)  # quantized_self's prompt lookup first
         if torch_kernels:
             from server.engines.torch.quantize_linears import quantize_linears
 
@@ -377,8 +378,9 @@ def _self_draft(model, config: QuantizedSelfConfig | None, lookup: NgramConfig |
     if config is None:
         return None
     setting = "speculative_config.method"
-    if lookup is not None:
-        raise ConfigError(setting, "one speculative method at a time: prompt lookup or quantized_self")
+    if lookup is not None and lookup != config.lookup:
+        raise ConfigError(setting, "prompt lookup runs beside quantized_self only as its `lookup` (the "
+                                   "prompt_lookup_max/min keys of the quantized_self method)")
     if quantized:
         raise ConfigError(setting, f"the model is served quantized ({quantized}); a quantized copy drafts for a "
                                    "full-precision model (serve it without quantization)")

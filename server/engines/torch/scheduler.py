@@ -192,12 +192,16 @@ class BatchScheduler(PrefillStage):
         self._inject(rows, "step")
         self._route_adapters(rows)
         started = time.perf_counter()  # with speculation on, whole steps are timed (StepCost)
-        drafts = [self._propose(s) for s in rows] if self.lookup is not None else []
+        drafts = [self._propose(s) for s in rows] if self.lookup is not None else [[] for _ in rows]
+        judges = [s.draft if d else None for s, d in zip(rows, drafts)]  # whose acceptance each draft tells
         if self.self_draft is not None and self.self_draft.usable and self._base_rows_only:
-            drafts = self._look_ahead(rows)
-            started = time.perf_counter()  # the draft check's own time, apart from the drafting
+            own = self._look_ahead(rows, drafts)  # for the rows prompt lookup found nothing for
+            if any(own):
+                drafts = [d or o for d, o in zip(drafts, own)]
+                judges = [j or (s.chance if o else None) for j, s, o in zip(judges, rows, own)]
+                started = time.perf_counter()  # the draft check's own time, apart from the drafting
         if any(drafts):
-            chances = [(s.draft or s.chance).p if s.draft or s.chance else 0.0 for s in rows]
+            chances = [j.p if j else 0.0 for j in judges]
             ratio, overhead = self.step_cost.shares()
             if self.runner.packs_drafts(self._base_rows_only):  # each row pays for its own draft
                 widths = choose_widths(drafts, chances, ratio, overhead)
@@ -206,7 +210,7 @@ class BatchScheduler(PrefillStage):
                 width = choose_width(drafts, chances, ratio, overhead)
                 drafts = [d[:width] for d in drafts]
         if any(drafts):
-            self._decode_drafts(rows, drafts, started)
+            self._decode_drafts(rows, drafts, judges, started)
             return
         logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows],
                                     compiled=self._base_rows_only)
@@ -228,17 +232,19 @@ class BatchScheduler(PrefillStage):
             return []
         return seq.draft.propose(seq.row.prompt_ids + seq.row.output_ids, BatchScheduler._room(seq))
 
-    def _look_ahead(self, rows: list[Sequence]) -> list[list[int]]:
-        """Self-speculation: each row's draft from the model's quantized copy, as long as the measured costs
-        say it pays (self_draft.SelfDraft.choose; [] for every row: a plain step). A draft that raises costs
-        only itself: the runner has rolled the cache back, the step goes on plain."""
-        rooms = [self._room(s) if s.chance is not None and not (s.done or s.aborted) else 0 for s in rows]
+    def _look_ahead(self, rows: list[Sequence], have: list[list[int]]) -> list[list[int]]:
+        """Self-speculation: the draft from the model's quantized copy of each row that has none yet (`have`:
+        prompt lookup's), as long as the measured costs say it pays (self_draft.SelfDraft.choose; [] for
+        every row: no drafting). A draft that raises costs only itself: the runner has rolled the cache
+        back, the step goes on without it."""
+        rooms = [self._room(s) if s.chance is not None and not (s.done or s.aborted or h) else 0
+                 for s, h in zip(rows, have)]
         chances = [s.chance.p if room > 0 else None for s, room in zip(rows, rooms)]
         k = self.self_draft.choose(chances, *self.step_cost.shares(), packed=self.runner.packs_drafts(),
                                    most=max(rooms))
         if k == 0:
             self._forget([s for s, p in zip(rows, chances) if p is not None])
-            return []
+            return [[] for _ in rows]
         started = time.perf_counter()
         try:
             tokens = self.runner.look_ahead(self.self_draft, [s.row.output_ids[-1] for s in rows],
@@ -246,7 +252,7 @@ class BatchScheduler(PrefillStage):
         except Exception as exc:
             log.exception("self-speculation draft failed")
             self.self_draft.failed(exc)
-            return []
+            return [[] for _ in rows]
         self.self_draft.observe(len(rows), time.perf_counter() - started, drafted=k)
         return [t[:min(k, room)] for t, room in zip(tokens, rooms)]
 
@@ -263,10 +269,11 @@ class BatchScheduler(PrefillStage):
         a = seq.acceptor
         return min(a.max_tokens, a.room) - a.generated - 1
 
-    def _decode_drafts(self, rows: list[Sequence], drafts: list[list[int]], started: float) -> None:
+    def _decode_drafts(self, rows: list[Sequence], drafts: list[list[int]], judges: list, started: float) -> None:
         """One step that checks every row's draft: position j of row i is accepted (as a plain decode step
         would accept it: sampling.pick_tokens, acceptance.py) while the model's token there equals the
-        draft's; the first disagreement is the model's own token, so the output is unchanged."""
+        draft's; the first disagreement is the model's own token, so the output is unchanged. `judges[i]`
+        (RowDraft or AcceptanceChance) learns how row i's draft fared."""
         fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
         logits, where = self.runner.verify(fed, [s.position for s in rows], compiled=self._base_rows_only)
         width = where.shape[1]
@@ -284,9 +291,9 @@ class BatchScheduler(PrefillStage):
                 if not (rows[i].done or rows[i].aborted) and j < len(drafts[i]) and token == drafts[i][j]:
                     kept[i] = j + 2
                     alive.append(i)
-        for seq, draft, k in zip(rows, drafts, kept):
+        for judge, draft, k in zip(judges, drafts, kept):
             if draft:
-                (seq.draft or seq.chance).observe(len(draft), k - 1)
+                judge.observe(len(draft), k - 1)
                 self.spec.add(len(draft), k - 1)
         self._forget([s for s, d in zip(rows, drafts) if not d])  # cut to nothing by the check's widths
         self.runner.settle(kept, width)
