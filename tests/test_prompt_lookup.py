@@ -1,7 +1,7 @@
 """Prompt-lookup speculation (speculative_config method ngram) in the PyTorch engine: a batch of rows
 with drafts gives exactly the tokens, text and finish reasons of the engine without it (greedy rows,
-stop strings, max_tokens, EOS, penalties, logprobs; sampled rows are not speculated on); drafts are
-proposed and partly accepted; a row whose drafts fail stops proposing; bad configurations are refused."""
+stop strings, max_tokens, EOS, penalties, logprobs; a seeded sampled row, drafted for too, draws the
+same); drafts are proposed and partly accepted; a row whose drafts fail stops proposing; bad configurations are refused."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ ROWS = [
     ("The capital of France is Paris. The capital of", {"max_tokens": 30, "logprobs": 2}),
     ("Servers batch requests together. Servers", {"max_tokens": 1}),
     ("Low-rank adapters specialise a base model cheaply.", {"max_tokens": 45, "stop_token_ids": [5]}),
-    ("The quick brown fox jumps", {"max_tokens": 25, "temperature": 0.8, "seed": 7}),  # sampled: no drafts
+    ("The quick brown fox jumps", {"max_tokens": 25, "temperature": 0.8, "seed": 7}),  # sampled, seeded
 ]
 
 

@@ -238,3 +238,26 @@ def test_prompt_lookup_first_then_the_copy(tiny_model_dir, plain):
         assert any(lookup_drafts) and self_draft.draft_steps > 0  # both kinds drafted
     finally:
         asyncio.run(engine.shutdown())
+
+
+SAMPLED = [(prompt, {"max_tokens": 24, "temperature": t, "seed": seed, **extra})
+           for seed, (prompt, t, extra) in enumerate([
+               ("The quick brown fox", 0.7, {}), ("Numbers: 0 1 2 3", 1.0, {"top_p": 0.9}),
+               ("Hello, world!", 0.5, {"top_k": 5}), ("A language model", 0.8, {"frequency_penalty": 0.4}),
+               ("The capital of France", 1.2, {"min_p": 0.05}), ("Servers batch", 0.3, {"logprobs": 2})] * 2)]
+
+
+def test_sampled_rows_take_drafts_and_draw_what_they_drew_without(tiny_model_dir, plain):
+    """Sampled rows are drafted for too: a drafted token stays only where the row's own sample equals it, so
+    every seeded request gives exactly what it gives without speculation (the same distribution, the same
+    random numbers), while drafts are checked and some accepted."""
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", self_draft=QuantizedSelfConfig("int4", 4))
+    _always_draft(engine)
+    asyncio.run(engine.start())
+    try:
+        rows = [(p, {**params, "seed": params["seed"] + 100 * rep}) for rep in range(3) for p, params in SAMPLED]
+        assert _run(engine, rows) == _run(plain, rows)
+        stats = engine.stats()
+        assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens > 0
+    finally:
+        asyncio.run(engine.shutdown())

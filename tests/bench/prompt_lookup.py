@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                                                     '"prompt_lookup_max": 4, "prompt_lookup_min": 2}')
     ap.add_argument("--sets", default="grounded,open")
+    ap.add_argument("--open-prompts", type=Path, help="a .jsonl of {\"prompt\": ...} to use as the open set "
+                    "(e.g. the router's held-out prompts: python -m tests.bench.router_prompts)")
     ap.add_argument("--out", type=Path, default=FIGURES / "prompt_lookup_smollm2.json")
     args = ap.parse_args(argv)
     cpu = describe()
@@ -159,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {summary(cpu)}; load average {load_before[0]:.2f}")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     width = max(concurrencies)
-    sets = {"grounded": grounded_prompts(max(width, args.c1_prompts)), "open": OPEN[:max(width, args.c1_prompts)]}
+    open_set = OPEN if args.open_prompts is None else [json.loads(line)["prompt"] for line in
+                                                       args.open_prompts.read_text().splitlines() if line.strip()]
+    sets = {"grounded": grounded_prompts(max(width, args.c1_prompts)), "open": open_set[:max(width, args.c1_prompts)]}
     base = ["--model", args.model, "--dtype", args.dtype, "--max-num-seqs", str(width), *args.server_arg]
     logs = Path(tempfile.mkdtemp(prefix="prompt-lookup-"))
     with ExitStack() as stack:
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = asyncio.run(run())
     result = {"model": args.model, "cpu": cpu, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "speculative_config": json.loads(args.speculative_config), "c1_prompts": args.c1_prompts,
-              "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+              "rounds": args.rounds, "open_prompts": str(args.open_prompts or "built in"),
+              "load_average_before_after": [load_before[0], os.getloadavg()[0]],
               "server_args": args.server_arg, "runs": runs}
     write_result(result, args.out, plot)
     return 0

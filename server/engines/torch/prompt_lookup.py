@@ -29,9 +29,13 @@ _MIN_TRIALS = 3  # drafts a row is judged on before it may be stopped
 
 
 def eligible(params: SamplingParams, adapter: str | None = None) -> bool:
-    """Rows whose output prompt lookup reproduces exactly: greedy, not grammar-constrained. Sampled rows
-    are never speculated on (no rejection sampling here): they decode one token a step as before."""
-    return params.greedy and params.guide is None and params.max_tokens > 1
+    """Rows that may take drafts: any but grammar-constrained ones. The check keeps a drafted token only
+    where the row's own pick at that position (argmax, or a sample with its penalties, temperature, top-k/p
+    and generator) equals it, and stops at the first pick that differs, which is emitted: every token is
+    still drawn from the model's distribution given the tokens before it, one draw per emitted token, so a
+    seeded row draws the same random numbers as without speculation. (A sampled row's draft is accepted
+    with the model's probability of it, lower than under rejection sampling, but never biased.)"""
+    return params.guide is None and params.max_tokens > 1
 
 
 class NgramIndex:

@@ -1,6 +1,7 @@
 """Self-speculation (speculative_config method `quantized_self`): a copy of the served model with its
-linears quantized to int4 or int8 proposes the next tokens of the greedy rows, and the served model
-checks them in one draft check (the same check prompt lookup uses), so the output stays the model's own.
+linears quantized to int4 or int8 proposes each row's next tokens (its greedy ones), and the served model
+checks them in one draft check (the same check prompt lookup uses, prompt_lookup.eligible): the output
+stays the model's own, greedy or sampled.
 
 Why this draft: a separately trained student agreed with SmolLM2 too rarely to pay (#20), while the
 model's own quantized copy picks the same greedy token on 98% (int4) / 97% (int8) of positions
