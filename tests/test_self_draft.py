@@ -261,3 +261,35 @@ def test_sampled_rows_take_drafts_and_draw_what_they_drew_without(tiny_model_dir
         assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens > 0
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_served_over_http_with_the_openai_client(tmp_path, tiny_model_dir):
+    """A real server with two entries of the tiny model, one drafting with its int4 copy: the openai
+    client gets the same greedy text from both, the engine drafts by its own measured choice (a new
+    batch size is timed plain, then drafted with the prior), and the draft counters reach /metrics."""
+    import httpx
+    import openai
+    import yaml
+
+    from tests.conftest import ServerProcess
+
+    config = {"dtype": "float32", "models": [
+        {"name": "plain", "model": str(tiny_model_dir)},
+        {"name": "drafted", "model": str(tiny_model_dir), "speculative_config": {"method": "quantized_self"}}]}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    server = ServerProcess(["--config", str(tmp_path / "serve.yaml")], log_path=tmp_path / "server.log")
+    try:
+        server.wait_ready(120)
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+        for prompt, _ in ROWS[:4]:
+            texts = [client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=24, temperature=0).choices[0].message.content
+                     for name in ("plain", "drafted")]
+            assert texts[0] == texts[1]
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        drafted = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("slimserve_spec_decode_num_draft_tokens_total")}
+        assert drafted.get('model="drafted"', 0) > 0 and drafted.get('model="plain"', 0) == 0
+        assert "self-speculation draft" in (tmp_path / "server.log").read_text()  # the copy was built
+    finally:
+        server.stop()
