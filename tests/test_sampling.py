@@ -64,3 +64,15 @@ def test_frequency_penalty_changes_the_choice():
     row = _row(temperature=0.0, frequency_penalty=1.0)
     row.output_ids.extend([0])
     assert pick_tokens(logits.clone(), [row], torch.Generator()).tokens[0] == 1
+
+
+def test_min_p_leaves_the_other_rows_bit_for_bit():
+    """A row without min_p gets the same probabilities whether or not a min_p row shares its batch (so a
+    seeded row samples the same whoever it is batched with, speculation's checks included)."""
+    from server.engines.torch.sampling import filter_min_p
+
+    probs = torch.softmax(torch.randn(3, 500, generator=torch.Generator().manual_seed(1)) * 3, dim=-1)
+    alone = filter_min_p(probs[:2], torch.tensor([0.0, 0.0]))
+    mixed = filter_min_p(probs, torch.tensor([0.0, 0.0, 0.2]))
+    assert torch.equal(mixed[:2], alone) and torch.equal(alone, probs[:2])
+    assert (mixed[2] == 0).sum() > 0 and torch.isclose(mixed[2].sum(), torch.tensor(1.0))

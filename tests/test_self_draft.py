@@ -16,17 +16,25 @@ from server.engines.speculation_config import NgramConfig, QuantizedSelfConfig, 
 from server.engines.torch import linear_op
 from server.engines.torch.engine import TorchEngine
 from server.engines.torch.runner import ModelRunner
-from server.engines.torch.self_draft import SelfDraft, best_draft_length
+from server.engines.torch.self_draft import _REFRESH, SelfDraft, best_draft_length
 from server.errors import ConfigError
 from test_prompt_lookup import ROWS, _run
+
+
+SAMPLED = [(prompt, {"max_tokens": 24, "temperature": t, "seed": seed, **extra})
+           for seed, (prompt, t, extra) in enumerate([
+               ("The quick brown fox", 0.7, {}), ("Numbers: 0 1 2 3", 1.0, {"top_p": 0.9}),
+               ("Hello, world!", 0.5, {"top_k": 5}), ("A language model", 0.8, {"frequency_penalty": 0.4}),
+               ("The capital of France", 1.2, {"min_p": 0.05}), ("Servers batch", 0.3, {"logprobs": 2})] * 2)]
 
 
 def _always_draft(engine: TorchEngine) -> SelfDraft:
     """Draft the most tokens whenever a row can take a draft (these tests are about exactness, and the
     tiny model's timings would decide otherwise now and then)."""
     self_draft = engine._scheduler.self_draft
-    self_draft.choose = lambda chances, ratio, overhead, packed=True, most=99: min(self_draft.max_tokens, most) if any(
-        c is not None for c in chances) else 0
+    self_draft.choose = lambda chances, ratio, overhead, packed=True, most=99, others=(): min(
+        self_draft.max_tokens, most) if any(c is not None for c in chances) else 0
+    self_draft.wants_plain = lambda rows: False
     engine._scheduler.step_cost = FreeTokens()
     return self_draft
 
@@ -66,7 +74,8 @@ def test_compiled_draft_and_check_give_the_same_output(tiny_model_dir, plain):
     try:
         assert engine.decode_step == "compiled"
         assert self_draft.compiled is not None and self_draft.compiled.usable
-        assert _run(engine, ROWS) == _run(plain, ROWS)
+        rows = ROWS + SAMPLED[:6]  # sampled rows too: the packed check's logits are a plain step's
+        assert _run(engine, rows) == _run(plain, rows)
         assert self_draft.compiled.steps > 0 and engine._scheduler.runner.compiled.draft_steps > 0
         assert self_draft.compiled.failures == 0 and engine._scheduler.runner.compiled.draft_failures == 0
         # the copy's graph runs the copy's int4 layers, the model's graph the model's own
@@ -148,6 +157,9 @@ def test_draft_length_follows_costs_and_acceptance():
     many = best_draft_length([0.9] * 16, 6, share=0.5, ratio=0.05, overhead=0.1)
     assert one_row > many
     # a dense check (eager) makes rows without a draft pay for the others' tokens too
+    # a row whose prompt-lookup draft is checked anyway: the copy's steps would hold it back
+    assert best_draft_length([0.97, None], 6, 0.3, 0.05, 0.1) == 6
+    assert best_draft_length([0.97, None], 6, 0.3, 0.05, 0.1, others=[(0.9, 4)]) == 0
     mixed = [0.99] + [None] * 3
     assert best_draft_length(mixed, 6, 0.1, 0.05, 0.05) == 6
     assert best_draft_length(mixed, 6, 0.1, 0.05, 0.05, packed=False) == 0
@@ -155,19 +167,25 @@ def test_draft_length_follows_costs_and_acceptance():
 
 def test_choose_times_a_plain_step_first_then_follows_measured_costs():
     self_draft = SelfDraft(model=None, config=QuantizedSelfConfig("int4", 6))
-    assert self_draft.choose([0.98], 0.0, 0.0) == 0  # no plain step timed at this size yet
+    assert self_draft.wants_plain(1)  # no plain step timed at this size yet
     self_draft.observe(1, 0.010)
+    assert not self_draft.wants_plain(1)
     assert self_draft.choose([0.98], 0.0, 0.0) > 0  # the prior: a draft step ~0.6 of a plain one
-    self_draft.observe(1, 6 * 0.012, drafted=6)  # measured: a draft step costs more than a plain step
-    for _ in range(8):
+    for _ in range(9):  # measured: a draft step costs more than a plain step
         self_draft.observe(1, 6 * 0.012, drafted=6)
     assert self_draft.choose([0.98], 0.0, 0.0) == 0
-    assert self_draft.choose([0.98, 0.98], 0.0, 0.0) == 0  # 2 rows: another size, its plain step first
+    assert self_draft.wants_plain(2)  # 2 rows: another size, its plain step first
     plain_steps = 0
-    while self_draft.choose([0.98], 0.0, 0.0) == 0 and plain_steps < 200:  # plain steps, as the scheduler times
+    while plain_steps < 200:  # steps as the scheduler runs them: plain unless a draft is chosen
+        if not self_draft.wants_plain(1) and self_draft.choose([0.98], 0.0, 0.0) > 0:
+            break
         self_draft.observe(1, 0.010)
         plain_steps += 1
     assert 32 < plain_steps < 100  # then the draft's figure is old, and a draft is tried again
+    # while drafting pays, a plain step is still timed now and then (no drafts of any kind that step)
+    self_draft.observe(1, 6 * 0.004, drafted=6)
+    wanted = [self_draft.wants_plain(1) for _ in range(_REFRESH + 2)]
+    assert wanted[-1] and not any(wanted[:_REFRESH - 2])
 
 
 @pytest.mark.parametrize("raw, setting", [
@@ -229,22 +247,20 @@ def test_prompt_lookup_first_then_the_copy(tiny_model_dir, plain):
     self_draft = _always_draft(engine)
     scheduler = engine._scheduler
     assert scheduler.lookup == config.lookup
-    lookup_drafts = []
-    propose = scheduler._propose
-    scheduler._propose = lambda seq: lookup_drafts.append(propose(seq)) or lookup_drafts[-1]
+    sources = []  # per checked step: which kinds of draft it held
+    check = scheduler._decode_drafts
+
+    def recording(rows, drafts, judges, started):
+        sources.append({type(j).__name__ for j, d in zip(judges, drafts) if d})
+        return check(rows, drafts, judges, started)
+
+    scheduler._decode_drafts = recording
     asyncio.run(engine.start())
     try:
         assert _run(engine, ROWS) == _run(plain, ROWS)
-        assert any(lookup_drafts) and self_draft.draft_steps > 0  # both kinds drafted
+        assert {"RowDraft", "AcceptanceChance"} in sources  # one check held both kinds of draft
     finally:
         asyncio.run(engine.shutdown())
-
-
-SAMPLED = [(prompt, {"max_tokens": 24, "temperature": t, "seed": seed, **extra})
-           for seed, (prompt, t, extra) in enumerate([
-               ("The quick brown fox", 0.7, {}), ("Numbers: 0 1 2 3", 1.0, {"top_p": 0.9}),
-               ("Hello, world!", 0.5, {"top_k": 5}), ("A language model", 0.8, {"frequency_penalty": 0.4}),
-               ("The capital of France", 1.2, {"min_p": 0.05}), ("Servers batch", 0.3, {"logprobs": 2})] * 2)]
 
 
 def test_sampled_rows_take_drafts_and_draw_what_they_drew_without(tiny_model_dir, plain):

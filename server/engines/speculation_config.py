@@ -65,8 +65,11 @@ def _self_config(raw: dict[str, Any], setting: str) -> QuantizedSelfConfig:
     values = _small_ints(raw, ("num_speculative_tokens",), setting)
     lookup = None
     if "prompt_lookup_max" in raw or "prompt_lookup_min" in raw:
-        keys = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
-        lookup = ngram_config({"method": "ngram", **{k: raw[k] for k in keys if k in raw}}, setting)
+        keys = ("prompt_lookup_max", "prompt_lookup_min")  # as many tokens as the copy drafts
+        lookup = ngram_config({"method": "ngram", **{k: raw[k] for k in keys if k in raw},
+                               "num_speculative_tokens": values.get("num_speculative_tokens",
+                                                                    QuantizedSelfConfig.num_speculative_tokens)},
+                              setting)
     return QuantizedSelfConfig(quantization, lookup=lookup, **values)
 
 

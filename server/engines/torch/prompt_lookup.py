@@ -33,8 +33,10 @@ def eligible(params: SamplingParams, adapter: str | None = None) -> bool:
     where the row's own pick at that position (argmax, or a sample with its penalties, temperature, top-k/p
     and generator) equals it, and stops at the first pick that differs, which is emitted: every token is
     still drawn from the model's distribution given the tokens before it, one draw per emitted token, so a
-    seeded row draws the same random numbers as without speculation. (A sampled row's draft is accepted
-    with the model's probability of it, lower than under rejection sampling, but never biased.)"""
+    seeded row draws the same random numbers as without speculation, and its output is the same wherever
+    the check's logits equal a plain step's (fp32; in bf16 a near tie can flip, as for greedy rows). A
+    sampled row's draft token is accepted with the model's probability of it: what rejection sampling
+    accepts for a draft that is one token for sure."""
     return params.guide is None and params.max_tokens > 1
 
 

@@ -87,11 +87,13 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 def filter_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the row's best (vLLM's min_p); rows with
     min_p 0 are unchanged. Returns renormalised probabilities."""
-    if not bool((min_p > 0).any()):
+    on = min_p > 0
+    if not bool(on.any()):
         return probs
     best = probs.max(dim=-1, keepdim=True).values
     kept = probs.masked_fill(probs < min_p[:, None] * best, 0.0)
-    return kept / kept.sum(dim=-1, keepdim=True)
+    kept = kept / kept.sum(dim=-1, keepdim=True)
+    return torch.where(on[:, None], kept, probs)  # other rows untouched, bit for bit, whoever shares the batch
 
 
 def score_prompt(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:

@@ -192,14 +192,17 @@ class BatchScheduler(PrefillStage):
         self._inject(rows, "step")
         self._route_adapters(rows)
         started = time.perf_counter()  # with speculation on, whole steps are timed (StepCost)
-        drafts = [self._propose(s) for s in rows] if self.lookup is not None else [[] for _ in rows]
+        own_draft = self.self_draft is not None and self.self_draft.usable and self._base_rows_only
+        timing_plain = own_draft and self.self_draft.wants_plain(len(rows))  # no drafts of any kind this step
+        drafts = [self._propose(s) for s in rows] if self.lookup is not None and not timing_plain else \
+            [[] for _ in rows]
         judges = [s.draft if d else None for s, d in zip(rows, drafts)]  # whose acceptance each draft tells
-        if self.self_draft is not None and self.self_draft.usable and self._base_rows_only:
-            own = self._look_ahead(rows, drafts)  # for the rows prompt lookup found nothing for
-            if any(own):
-                drafts = [d or o for d, o in zip(drafts, own)]
-                judges = [j or (s.chance if o else None) for j, s, o in zip(judges, rows, own)]
-                started = time.perf_counter()  # the draft check's own time, apart from the drafting
+        if own_draft and not timing_plain:
+            drafting = time.perf_counter()
+            own = self._look_ahead(rows, drafts, judges)  # for the rows prompt lookup found nothing for
+            started += time.perf_counter() - drafting  # the draft check's own time, apart from the drafting
+            drafts = [d or o for d, o in zip(drafts, own)]
+            judges = [j or (s.chance if o else None) for j, s, o in zip(judges, rows, own)]
         if any(drafts):
             chances = [j.p if j else 0.0 for j in judges]
             ratio, overhead = self.step_cost.shares()
@@ -209,6 +212,7 @@ class BatchScheduler(PrefillStage):
             else:  # one dense forward: every row pays for the widest
                 width = choose_width(drafts, chances, ratio, overhead)
                 drafts = [d[:width] for d in drafts]
+            self._forget([s for s, j, d in zip(rows, judges, drafts) if j is not None and j is s.chance and not d])
         if any(drafts):
             self._decode_drafts(rows, drafts, judges, started)
             return
@@ -232,16 +236,17 @@ class BatchScheduler(PrefillStage):
             return []
         return seq.draft.propose(seq.row.prompt_ids + seq.row.output_ids, BatchScheduler._room(seq))
 
-    def _look_ahead(self, rows: list[Sequence], have: list[list[int]]) -> list[list[int]]:
+    def _look_ahead(self, rows: list[Sequence], have: list[list[int]], judges: list) -> list[list[int]]:
         """Self-speculation: the draft from the model's quantized copy of each row that has none yet (`have`:
-        prompt lookup's), as long as the measured costs say it pays (self_draft.SelfDraft.choose; [] for
-        every row: no drafting). A draft that raises costs only itself: the runner has rolled the cache
-        back, the step goes on without it."""
+        prompt lookup's, whose chances `judges` hold), as long as the measured costs say it pays
+        (self_draft.SelfDraft.choose; [] for every row: no drafting). A draft that raises costs only
+        itself: the runner has rolled the cache back, the step goes on without it."""
         rooms = [self._room(s) if s.chance is not None and not (s.done or s.aborted or h) else 0
                  for s, h in zip(rows, have)]
         chances = [s.chance.p if room > 0 else None for s, room in zip(rows, rooms)]
+        others = [(j.p, len(h)) for j, h in zip(judges, have) if h]  # checked this step anyway
         k = self.self_draft.choose(chances, *self.step_cost.shares(), packed=self.runner.packs_drafts(),
-                                   most=max(rooms))
+                                   most=max(rooms), others=others)
         if k == 0:
             self._forget([s for s, p in zip(rows, chances) if p is not None])
             return [[] for _ in rows]
@@ -295,17 +300,21 @@ class BatchScheduler(PrefillStage):
             if draft:
                 judge.observe(len(draft), k - 1)
                 self.spec.add(len(draft), k - 1)
-        self._forget([s for s, d in zip(rows, drafts) if not d])  # cut to nothing by the check's widths
         self.runner.settle(kept, width)
         self.step_cost.observe(logits.shape[0], time.perf_counter() - started, draft=True)  # positions computed
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> Picked:
-        """Sample the batch; if that fails, sample row by row and fail only the rows that fail."""
+        """Sample the batch; if that fails, sample row by row and fail only the rows that fail. The retry
+        starts from the generators' states before the failed try: a seeded row draws once a token."""
+        generators = {id(g): g for g in [self._shared_gen, *(s.row.generator for s in seqs)] if g is not None}
+        states = [(g, g.get_state()) for g in generators.values()] if len(generators) > 1 else None
         try:
             self._inject(seqs, "sample")
             return pick_tokens(logits, [s.row for s in seqs], self._shared_gen)
         except Exception:
             log.exception("batched sampling failed; sampling row by row")
+        for generator, state in states or []:
+            generator.set_state(state)
         tokens, logprobs = [], []
         for i, seq in enumerate(seqs):
             try:

@@ -94,22 +94,29 @@ class SelfDraft:
         return self.config.num_speculative_tokens
 
     # ---- how many tokens to draft ---------------------------------------------------------------
-    def choose(self, chances: list[float | None], ratio: float, overhead: float, packed: bool = True,
-               most: int | None = None) -> int:
-        """Tokens to draft this step (0: a plain step), at most `most`, for rows whose chances of acceptance
-        are these (None: a row that takes no draft). Maximises expected tokens per second: a draft of k costs
-        k draft steps plus a draft check (best_draft_length), in units of a plain step of as many rows
-        (`ratio`, `overhead`: StepCost.shares, relative to a step's fixed cost)."""
+    def wants_plain(self, rows: int) -> bool:
+        """Whether this step, of `rows` rows, should be a plain step with no drafts of any kind (prompt
+        lookup's included), to time one: the first at each batch size, and one every _REFRESH steps while
+        drafting. Called once a decode step (the clock the refresh counts on)."""
         self._steps += 1
-        rows = len(chances)
         timing = self._timings.setdefault(bucket(rows), _Timing())
-        if timing.plain is None or self._steps - timing.plain_at > _REFRESH and timing.draft_at > timing.plain_at:
-            return 0  # time a plain step at this size first, and again now and then
+        return timing.plain is None or self._steps - timing.plain_at > _REFRESH and timing.draft_at > timing.plain_at
+
+    def choose(self, chances: list[float | None], ratio: float, overhead: float, packed: bool = True,
+               most: int | None = None, others: list[tuple[float, int]] = ()) -> int:
+        """Tokens to draft this step (0: none), at most `most`, for rows whose chances of acceptance are these
+        (None: a row that takes no draft of the copy's); `others`: (chance, length) of the drafts the step
+        checks anyway (prompt lookup's). Maximises expected tokens per second: a draft of k costs k draft
+        steps plus its tokens in the draft check (best_draft_length), in units of a plain step of as many
+        rows (`ratio`, `overhead`: StepCost.shares, relative to a step's fixed cost)."""
+        timing = self._timings.setdefault(bucket(len(chances)), _Timing())
+        if timing.plain is None:
+            return 0
         share = _PRIOR_SHARE[self.config.quantization] if timing.draft is None else timing.draft / timing.plain
         if timing.draft is not None and self._steps - timing.draft_at > _REFRESH:
             share = min(share, _PRIOR_SHARE[self.config.quantization])  # stale: try drafting again
         most = self.max_tokens if most is None else min(most, self.max_tokens)
-        return best_draft_length(chances, most, share, ratio, overhead, packed)
+        return best_draft_length(chances, most, share, ratio, overhead, packed, others)
 
     def observe(self, rows: int, seconds: float, drafted: int = 0) -> None:
         """A plain step (drafted 0) or a draft of `drafted` tokens took `seconds` for `rows` rows."""
@@ -121,23 +128,30 @@ class SelfDraft:
 
 
 def best_draft_length(chances: list[float | None], most: int, share: float, ratio: float, overhead: float,
-                      packed: bool = True) -> int:
+                      packed: bool = True, others: list[tuple[float, int]] = ()) -> int:
     """The draft length k (0..most) with the most expected tokens per unit of time, where a plain step of
     the batch costs 1, a draft step `share`, and a draft check (1 + overhead + ratio * tokens fed) / (1 +
-    ratio * rows); it feeds rows + k * (drafting rows) tokens when `packed` (the compiled check), else
-    every row k + 1 (one dense forward). Row i accepts k drafted tokens' prefix with chance p_i per token:
-    it yields (1 - p^(k+1)) / (1 - p) tokens; a row without a draft yields 1."""
+    ratio * rows); it feeds each row its own tokens when `packed` (the compiled check), else every row as
+    many as the widest (one dense forward). A draft of length d accepted token by token with chance p
+    yields (1 - p^(d+1)) / (1 - p) tokens; a row without a draft yields 1. `others`: (p, d) of drafts
+    the step checks whatever k is (prompt lookup's), so k = 0 is a plain step only without them."""
     rows = len(chances)
-    drafting = [min(p, 0.999) for p in chances if p is not None]
+    drafting = [p for p in chances if p is not None]
     if not drafting:
         return 0
     plain = 1 + ratio * rows
-    best, best_rate = 0, float(rows)
-    for k in range(1, most + 1):
-        tokens = rows - len(drafting) + sum((1 - p ** (k + 1)) / (1 - p) for p in drafting)
-        fed = rows + k * (len(drafting) if packed else rows)
-        cost = k * share + (1 + overhead + ratio * fed) / plain
-        if tokens / cost > best_rate:
-            best, best_rate = k, tokens / cost
-    return best
 
+    def expected(p: float, d: int) -> float:
+        p = min(p, 0.999)
+        return (1 - p ** (d + 1)) / (1 - p)
+
+    def rate(k: int) -> float:
+        tokens = rows - len(drafting) - len(others) + sum(expected(p, d) for p, d in others) + \
+            sum(expected(p, k) for p in drafting)
+        widest = max([k, *(d for _, d in others)])
+        if widest == 0:
+            return tokens
+        fed = rows + k * len(drafting) + sum(d for _, d in others) if packed else rows * (1 + widest)
+        return tokens / (k * share + (1 + overhead + ratio * fed) / plain)
+
+    return max(range(most + 1), key=lambda k: (rate(k), -k))
