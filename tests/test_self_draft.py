@@ -235,6 +235,12 @@ def test_settings_build_an_engine_that_drafts(tiny_model_dir):
     assert draft.model.norm.weight is engine.model.model.norm.weight
     assert type(draft.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     assert type(engine.model.model.layers[0].mlp.down_proj).__name__ != "Int4Linear"
+    # what drafting adds to memory is counted with the model's weights, and /v1/models says what speculates
+    from compress.load_time import weight_bytes
+
+    extra = engine._scheduler.self_draft.extra_bytes
+    assert 0 < extra < weight_bytes(engine.model) and engine.weight_bytes == weight_bytes(engine.model) + extra
+    assert engine.speculation.startswith("quantized_self: the model's int4 copy drafts up to 2 tokens")
 
 
 def test_prompt_lookup_first_then_the_copy(tiny_model_dir, plain):
@@ -247,6 +253,7 @@ def test_prompt_lookup_first_then_the_copy(tiny_model_dir, plain):
     self_draft = _always_draft(engine)
     scheduler = engine._scheduler
     assert scheduler.lookup == config.lookup
+    assert engine.speculation.startswith("ngram: prompt lookup first (n-grams of 1-3, up to 3 tokens); quantized_self")
     sources = []  # per checked step: which kinds of draft it held
     check = scheduler._decode_drafts
 
@@ -302,6 +309,9 @@ def test_served_over_http_with_the_openai_client(tmp_path, tiny_model_dir):
                                                     max_tokens=24, temperature=0).choices[0].message.content
                      for name in ("plain", "drafted")]
             assert texts[0] == texts[1]
+        cards = {c["id"]: c for c in client.models.list().model_dump()["data"]}
+        assert "quantized_self" in cards["drafted"]["speculation"] and "speculation" not in cards["plain"]
+        assert cards["drafted"]["weight_bytes"] > cards["plain"]["weight_bytes"]
         metrics = httpx.get(f"{server.base_url}/metrics").text
         drafted = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith("slimserve_spec_decode_num_draft_tokens_total")}

@@ -99,6 +99,7 @@ def test_an_adaptive_engine_sends_lone_requests_where_they_decode_faster(tiny_mo
     then the faster; greedy output is the model's own on both paths."""
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32")
     engine.attach_draft(str(student_dir), 3)
+    assert engine.speculation == f"draft model {student_dir} (lone greedy requests, while it measures faster)"
     asyncio.run(engine.start())
     try:
         judge, spec = engine.speculation_judge, engine.speculative

@@ -32,8 +32,8 @@ def _cards(state) -> list[dict]:
 
 
 def _dtype_fields(engine) -> dict:
-    """The PyTorch engine's dtype and why it was chosen (`dtype: auto` decides per device), and the
-    kernels that run load-time int8/int4, the full-precision linears and attention."""
+    """The PyTorch engine's dtype and why it was chosen (`dtype: auto` decides per device), the kernels
+    that run load-time int8/int4, the full-precision linears and attention, and what speculates."""
     choice = getattr(engine, "dtype_choice", None)
     fields = {"dtype": choice.name, "dtype_reason": choice.reason} if choice is not None else {}
     if getattr(engine, "quantization_kernel", None):
@@ -44,6 +44,8 @@ def _dtype_fields(engine) -> dict:
         fields["attention_kernel"] = engine.attention_kernel
     if getattr(engine, "decode_step", None):
         fields["decode_step"] = engine.decode_step
+    if getattr(engine, "speculation", None):
+        fields["speculation"] = engine.speculation
     return fields
 
 

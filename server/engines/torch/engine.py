@@ -68,7 +68,7 @@ class TorchEngine(HFTokenizing):
         self.tokenizer = tokenizer
         self.device = device
         self.max_model_len = max_model_len
-        self.weight_bytes = weight_bytes(model)
+        self.weight_bytes = weight_bytes(model) + (self_draft.extra_bytes if self_draft is not None else 0)
         self.vocab_size = model.config.get_text_config().vocab_size  # larger prompt ids are refused (limits.admit)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -171,6 +171,21 @@ class TorchEngine(HFTokenizing):
                    max_prefill_tokens=max_prefill_tokens, device=dev, source=str(path), quantization=method,
                    dtype_choice=choice, quantization_kernel=kernel, linear_kernel=linear_kernel, lookup=lookup,
                    self_draft=draft, **batching)
+
+    @property
+    def speculation(self) -> str | None:
+        """What speculates for this model, for /v1/models (None: nothing)."""
+        scheduler, parts = self._scheduler, []
+        if scheduler.lookup is not None:
+            c = scheduler.lookup
+            parts.append(f"ngram: prompt lookup{' first' if scheduler.self_draft else ''} (n-grams of "
+                         f"{c.prompt_lookup_min}-{c.prompt_lookup_max}, up to {c.num_speculative_tokens} tokens)")
+        if scheduler.self_draft is not None:
+            parts.append(scheduler.self_draft.describe())
+        if self.speculative is not None:
+            parts.append(f"draft model {self.speculative.draft.name_or_path} (lone greedy requests"
+                         f"{', while it measures faster' if self.speculation_judge else ''})")
+        return "; ".join(parts) or None
 
     def attach_draft(self, path: str, num_tokens: int, adaptive: bool = True) -> None:
         """`adaptive`: a lone greedy request goes through the draft only while that decodes faster than the
@@ -386,9 +401,10 @@ def _self_draft(model, config: QuantizedSelfConfig | None, lookup: NgramConfig |
                                    "full-precision model (serve it without quantization)")
     if device.type != "cpu":
         raise ConfigError(setting, "quantized_self runs on a CPU (the draft uses torch's CPU int4/int8 kernels)")
-    from server.engines.torch.self_draft import SelfDraft, build_draft_model
+    from server.engines.torch.self_draft import SelfDraft, build_draft_model, own_bytes
 
-    return SelfDraft(build_draft_model(model, config.quantization), config)
+    copy = build_draft_model(model, config.quantization)
+    return SelfDraft(copy, config, own_bytes(copy, model))
 
 
 def _param_dtype(model) -> torch.dtype:

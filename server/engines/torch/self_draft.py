@@ -45,6 +45,16 @@ def build_draft_model(model: nn.Module, quantization: str) -> nn.Module:
     return draft.eval()
 
 
+def own_bytes(draft: nn.Module, model: nn.Module) -> int:
+    """Bytes of the copy's weights that the model does not hold too (what drafting adds to memory)."""
+    from compress.load_time import weight_bytes
+
+    ours = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    shared = {t.untyped_storage().data_ptr(): t.nbytes for t in (*draft.parameters(), *draft.buffers())
+              if t.untyped_storage().data_ptr() in ours}
+    return weight_bytes(draft) - sum(shared.values())
+
+
 def bucket(rows: int) -> int:
     """Batch sizes timed together: 1, 2, 3-4, 5-8, 9-16, ..."""
     return (rows - 1).bit_length()
@@ -68,9 +78,10 @@ class _Timing:
 
 
 class SelfDraft:
-    def __init__(self, model: nn.Module, config: QuantizedSelfConfig):
+    def __init__(self, model: nn.Module, config: QuantizedSelfConfig, extra_bytes: int = 0):
         self.model = model  # the quantized copy
         self.config = config
+        self.extra_bytes = extra_bytes  # what the copy adds to the model's memory
         self.compiled = None  # compiled_decode.CompiledDecode of the copy, set once it has compiled
         self._timings: dict[int, _Timing] = {}
         self._steps = 0  # decode steps seen (the clock the refresh counts on)
@@ -92,6 +103,13 @@ class SelfDraft:
     @property
     def max_tokens(self) -> int:
         return self.config.num_speculative_tokens
+
+    def describe(self) -> str:
+        """For /v1/models: what drafts, its memory, how its step runs."""
+        step = "stopped after failing" if not self.usable else "compiled" if (
+            self.compiled is not None and self.compiled.usable) else "eager"
+        return (f"quantized_self: the model's {self.config.quantization} copy drafts up to {self.max_tokens} tokens "
+                f"a step ({self.extra_bytes / 1e6:.0f} MB more, its decode step {step})")
 
     # ---- how many tokens to draft ---------------------------------------------------------------
     def wants_plain(self, rows: int) -> bool:
