@@ -319,3 +319,41 @@ def test_served_over_http_with_the_openai_client(tmp_path, tiny_model_dir):
         assert "self-speculation draft" in (tmp_path / "server.log").read_text()  # the copy was built
     finally:
         server.stop()
+
+
+def test_grammar_constrained_rows_take_drafts_and_keep_their_output(tiny_model_dir, plain):
+    """A constrained row's pick at each drafted position is masked by its matcher after the tokens before
+    it (the draft's own tokens reach the matcher only once accepted): JSON-schema and JSON-object rows,
+    greedy and seeded, give what they give without drafts, and their drafts are checked."""
+    import json
+
+    from server.engines.base import Guide
+
+    schema = json.dumps({"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                          "sunny": {"type": "boolean"}},
+                         "required": ["city", "sunny"], "additionalProperties": False}, sort_keys=True)
+    rows = [("Weather in London as JSON", {"max_tokens": 40, "guide": Guide(json_schema=schema)}),
+            ("Any JSON object", {"max_tokens": 30, "guide": Guide(json_object=True)}),
+            ("Weather in Paris as JSON", {"max_tokens": 40, "temperature": 0.8, "seed": 3,
+                                          "guide": Guide(json_schema=schema)}),
+            *ROWS[:2]]
+    engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", self_draft=QuantizedSelfConfig("int4", 4))
+    _always_draft(engine)
+    checked = []
+    check = engine._scheduler._decode_drafts
+
+    def recording(seqs, drafts, judges, started):
+        checked.extend(bool(d) for s, d in zip(seqs, drafts) if s.row.matcher is not None)
+        return check(seqs, drafts, judges, started)
+
+    engine._scheduler._decode_drafts = recording
+    asyncio.run(engine.start())
+    try:
+        got, want = _run(engine, rows), _run(plain, rows)
+        assert got == want
+        for _, text, finish, _ in got[:3]:
+            if finish == "stop":  # a finished constrained answer parses
+                json.loads(text)
+        assert any(checked)  # constrained rows' drafts were checked
+    finally:
+        asyncio.run(engine.shutdown())

@@ -29,15 +29,17 @@ _MIN_TRIALS = 3  # drafts a row is judged on before it may be stopped
 
 
 def eligible(params: SamplingParams, adapter: str | None = None) -> bool:
-    """Rows that may take drafts: any but grammar-constrained ones. The check keeps a drafted token only
-    where the row's own pick at that position (argmax, or a sample with its penalties, temperature, top-k/p
-    and generator) equals it, and stops at the first pick that differs, which is emitted: every token is
+    """Rows that may take drafts: any that will make two tokens or more. The check keeps a drafted token
+    only where the row's own pick at that position (argmax, or a sample with its penalties, temperature,
+    top-k/p, generator and grammar: a constrained row's matcher has accepted the tokens before, so its
+    mask is the one a plain step would use) equals it, and stops at the first pick that differs, which is
+    emitted; tokens after it never reach the matcher. Every token is
     still drawn from the model's distribution given the tokens before it, one draw per emitted token, so a
     seeded row draws the same random numbers as without speculation, and its output is the same wherever
     the check's logits equal a plain step's (fp32; in bf16 a near tie can flip, as for greedy rows). A
     sampled row's draft token is accepted with the model's probability of it: what rejection sampling
     accepts for a draft that is one token for sure."""
-    return params.guide is None and params.max_tokens > 1
+    return params.max_tokens > 1
 
 
 class NgramIndex:
