@@ -250,7 +250,7 @@ def test_prompt_lookup_first_then_the_copy(tiny_model_dir, plain):
                                 "prompt_lookup_min": 1})
     assert config.lookup == NgramConfig(3, 3, 1)
     engine = TorchEngine.load("tiny", tiny_model_dir, dtype="float32", self_draft=config)
-    self_draft = _always_draft(engine)
+    _always_draft(engine)
     scheduler = engine._scheduler
     assert scheduler.lookup == config.lookup
     assert engine.speculation.startswith("ngram: prompt lookup first (n-grams of 1-3, up to 3 tokens); quantized_self")

@@ -148,7 +148,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
     from server.engines.torch.engine import TorchEngine
 
     speculation = torch_speculation(settings.speculative_config)  # refused here, before loading, unless it runs
-    lookup = speculation if isinstance(speculation, NgramConfig) else getattr(speculation, "lookup", None)
+    lookup = speculation if isinstance(speculation, NgramConfig) else None  # quantized_self brings its own
     engine = TorchEngine.load(
         settings.model_id, path, dtype=settings.dtype, device=settings.device,
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
@@ -156,8 +156,7 @@ def _build_local(settings: ServeSettings, draft: str | None, num_speculative_tok
         quantization=settings.quantization, lookup=lookup, enable_prefix_caching=settings.enable_prefix_caching,
         prefix_cache_bytes=settings.prefix_cache_bytes, max_num_batched_tokens=settings.max_num_batched_tokens,
         prepack_weights=settings.prepack_weights, grouped_attention=settings.grouped_attention,
-        compile_decode=settings.compile_decode,
-        self_draft=None if isinstance(speculation, NgramConfig) else speculation,
+        compile_decode=settings.compile_decode, self_draft=None if lookup else speculation,
     )
     if draft:
         engine.attach_draft(draft, num_speculative_tokens)

@@ -43,12 +43,17 @@ class QuantizedSelfConfig:
     lookup: NgramConfig | None = None  # prompt lookup first (when it finds a draft), the copy for other rows
 
 
+def _method(raw: dict[str, Any]) -> Any:
+    """The method a mapping names (vLLM's older form names it as `model`, e.g. "[ngram]")."""
+    return raw.get("method") or raw.get("model")
+
+
 def torch_speculation(raw: dict[str, Any] | None, setting: str = SETTING) -> NgramConfig | QuantizedSelfConfig | None:
     """The PyTorch engine's reading of speculative_config: None when absent; ConfigError naming the key
     for anything it cannot run (other methods, unknown keys, bad numbers)."""
     if not raw:
         return None
-    method = raw.get("method") or raw.get("model")
+    method = _method(raw)
     if method == SELF_METHOD:
         return _self_config(raw, setting)
     return ngram_config(raw, setting)
@@ -90,7 +95,7 @@ def ngram_config(raw: dict[str, Any] | None, setting: str = SETTING) -> NgramCon
     else (other methods, unknown keys, bad numbers)."""
     if not raw:
         return None
-    method = raw.get("method") or raw.get("model")
+    method = _method(raw)
     if method not in ("ngram", "[ngram]"):
         raise ConfigError(f"{setting}.method", f"the torch engine runs methods 'ngram' (prompt lookup) and "
                                                f"'{SELF_METHOD}' (its own int4/int8 copy drafts); got {method!r} "
@@ -113,7 +118,7 @@ def ngram_config(raw: dict[str, Any] | None, setting: str = SETTING) -> NgramCon
 def vllm_speculative_config(raw: dict[str, Any]) -> dict[str, Any]:
     """What the vLLM engine hands to vLLM: the mapping unchanged, with the ngram defaults slimserve's
     torch engine uses filled in (vLLM's own are 5/5 and num_speculative_tokens required)."""
-    method = raw.get("method") or raw.get("model")
+    method = _method(raw)
     if method not in ("ngram", "[ngram]"):
         return dict(raw)
     config = ngram_config(raw)
@@ -128,7 +133,7 @@ def speculative_unsupported(config: dict[str, Any]) -> str | None:
     `ngram` proposer, which is numba code on the host). `ngram_gpu` is a CUDA kernel."""
     import importlib.util
 
-    method = config.get("method") or config.get("model")
+    method = _method(config)
     if method == SELF_METHOD:
         return (f"method '{SELF_METHOD}' runs on the torch engine only (with vLLM: method 'draft_model' and a "
                 "quantized copy of the model as `model`)")

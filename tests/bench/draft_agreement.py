@@ -12,7 +12,6 @@ tests/bench/figures/draft_agreement_smollm2.json with the CPU named.
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from compress.router_calibration import prompts_of
 from server.default_model import DEFAULT_MODEL_ID
-from server.engines.torch.quantize_linears import quantize_linears
+from server.engines.torch.self_draft import build_draft_model
 from tests.bench.machine import describe, summary
 from tests.bench.models import local_model
 from tests.bench.output import write_result
@@ -44,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {summary(cpu)}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-    copies = {}
-    for method in ("int4", "int8"):
-        copies[method] = copy.deepcopy(model)
-        quantize_linears(copies[method], method)
+    copies = {method: build_draft_model(model, method) for method in ("int4", "int8")}
     same = dict.fromkeys(copies, 0)
     total = 0
     with torch.inference_mode():

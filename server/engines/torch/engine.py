@@ -140,8 +140,12 @@ class TorchEngine(HFTokenizing):
             raise ConfigError("model", f"{path!s} is not a loadable causal LM: {exc}") from exc
         if not quantization or torch_kernels:
             model.to(dev)
-        draft = _self_draft(model, self_draft, lookup, quantization or (prequantized and _method_of(prequantized)),
-                            dev)
+        draft = None
+        if self_draft is not None:  # built before the model's own linears are prepacked (it copies nn.Linear)
+            from server.engines.torch.self_draft import SelfDraft
+
+            draft = SelfDraft.for_model(model, self_draft, lookup,
+                                        quantization or (prequantized and _method_of(prequantized)), dev)
         lookup = lookup or (self_draft.lookup if self_draft else None)  # quantized_self's prompt lookup first
         if torch_kernels:
             from server.engines.torch.quantize_linears import quantize_linears
@@ -384,27 +388,6 @@ async def _drain(queue: asyncio.Queue, abort) -> AsyncIterator[Chunk]:
     finally:
         if not finished:
             abort()
-
-
-def _self_draft(model, config: QuantizedSelfConfig | None, lookup: NgramConfig | None, quantized: str | None,
-                device: torch.device):
-    """The SelfDraft for speculative_config method quantized_self, built before the model's own linears are
-    prepacked (the copy quantizes nn.Linear layers); refused where it cannot help or run."""
-    if config is None:
-        return None
-    setting = "speculative_config.method"
-    if lookup is not None and lookup != config.lookup:
-        raise ConfigError(setting, "prompt lookup runs beside quantized_self only as its `lookup` (the "
-                                   "prompt_lookup_max/min keys of the quantized_self method)")
-    if quantized:
-        raise ConfigError(setting, f"the model is served quantized ({quantized}); a quantized copy drafts for a "
-                                   "full-precision model (serve it without quantization)")
-    if device.type != "cpu":
-        raise ConfigError(setting, "quantized_self runs on a CPU (the draft uses torch's CPU int4/int8 kernels)")
-    from server.engines.torch.self_draft import SelfDraft, build_draft_model, own_bytes
-
-    copy = build_draft_model(model, config.quantization)
-    return SelfDraft(copy, config, own_bytes(copy, model))
 
 
 def _param_dtype(model) -> torch.dtype:

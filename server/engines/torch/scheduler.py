@@ -5,7 +5,7 @@ prefix (prefix_cache.py), prefill the next chunk of the prompts still prefilling
 a token budget per step while rows decode, so a long prompt never stalls them for its whole length),
 merge the KV rows of those done into the running batch (runner.py), then run one decode step for every running
 sequence and accept each row's token (acceptance.py). With speculation on, the step also feeds each
-greedy row its draft (prompt lookup: prompt_lookup.py; the model's quantized copy: self_draft.py) and
+row its draft (prompt lookup: prompt_lookup.py; the model's quantized copy: self_draft.py) and
 accepts, per row, the tokens the model agrees with. Finished and aborted sequences leave the batch
 between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
 """
@@ -222,7 +222,7 @@ class BatchScheduler(PrefillStage):
         if self.lookup is not None or self.self_draft is not None:
             seconds = time.perf_counter() - started
             self.step_cost.observe(len(rows), seconds)
-            if self.self_draft is not None and self.self_draft.usable and self._base_rows_only:
+            if own_draft:
                 self.self_draft.observe(len(rows), seconds)
 
     @property

@@ -1,7 +1,7 @@
 """Self-speculation (speculative_config method `quantized_self`): a copy of the served model with its
 linears quantized to int4 or int8 proposes each row's next tokens (its greedy ones), and the served model
-checks them in one draft check (the same check prompt lookup uses, prompt_lookup.eligible): the output
-stays the model's own, greedy or sampled.
+checks them in the draft check prompt lookup uses (for the rows prompt_lookup.eligible names): the output
+stays the model's own, greedy, sampled or grammar-constrained.
 
 Why this draft: a separately trained student agreed with SmolLM2 too rarely to pay (#20), while the
 model's own quantized copy picks the same greedy token on 98% (int4) / 97% (int8) of positions
@@ -22,7 +22,8 @@ import logging
 
 from torch import nn
 
-from server.engines.speculation_config import QuantizedSelfConfig
+from server.engines.speculation_config import NgramConfig, QuantizedSelfConfig
+from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def build_draft_model(model: nn.Module, quantization: str) -> nn.Module:
     return draft.eval()
 
 
-def own_bytes(draft: nn.Module, model: nn.Module) -> int:
+def _own_bytes(draft: nn.Module, model: nn.Module) -> int:
     """Bytes of the copy's weights that the model does not hold too (what drafting adds to memory)."""
     from compress.load_time import weight_bytes
 
@@ -88,6 +89,24 @@ class SelfDraft:
         self.draft_steps = 0  # the copy's forward steps run (a test reads it)
         self.failures = 0  # drafts that raised; at _MAX_FAILURES drafting stops (`usable`)
         self.last_error = ""
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: QuantizedSelfConfig, lookup: NgramConfig | None,
+                  quantized: str | None, device) -> "SelfDraft":
+        """The draft of speculative_config method quantized_self for this loaded model; refused (ConfigError,
+        naming why) where it cannot help or run. `lookup`: prompt lookup configured beside it, which must be
+        its own; `quantized`: the model's quantization, if any."""
+        setting = "speculative_config.method"
+        if lookup is not None and lookup != config.lookup:
+            raise ConfigError(setting, "prompt lookup runs beside quantized_self only as its `lookup` (the "
+                                       "prompt_lookup_max/min keys of the quantized_self method)")
+        if quantized:
+            raise ConfigError(setting, f"the model is served quantized ({quantized}); a quantized copy drafts for "
+                                       "a full-precision model (serve it without quantization)")
+        if device.type != "cpu":
+            raise ConfigError(setting, "quantized_self runs on a CPU (the draft uses torch's CPU int4/int8 kernels)")
+        copy = build_draft_model(model, config.quantization)
+        return cls(copy, config, _own_bytes(copy, model))
 
     @property
     def usable(self) -> bool:
