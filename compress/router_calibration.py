@@ -5,7 +5,9 @@ against the teacher's answer reaches `agree_threshold` (the teacher is the refer
 distillation: its own answers agree fully). A logistic regression over prompt features predicts
 agreement; its threshold is picked on a held-out part of the prompts for a target student share or
 a target quality (mean agreement of the served answers, teacher = 1.0). The same held-out part also
-gives the cascade policy's curve (student confidence = mean token logprob), so both can be compared.
+gives the cascade policy's curve (student confidence = mean token logprob), so both can be compared, and
+the bound on both: a perfect router's curve, which sends the student the prompts its answers agree on most
+(it tells whether the router or the student limits the share).
 
 Each point also says what it saves: the teacher's cost of its own answers minus what the policy spends
 (the student's answers it serves; a cascade pays for every student answer and the teacher's where it
@@ -227,6 +229,9 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
     confidence = np.array([s.mean_logprob for s in student])[hold]
     cascade_curve = curve(confidence, agreement[hold], sweep(confidence), held_seconds, cascade=True)
     cascade_chosen = pick(cascade_curve, cfg.target_quality, cfg.target_share)
+    # the bound no router can pass on these prompts: one that knew each answer's agreement in advance
+    oracle_curve = curve(agreement[hold], agreement[hold], sweep(agreement[hold]), held_seconds)
+    oracle_chosen = pick(oracle_curve, cfg.target_quality, cfg.target_share)
     train_acc = float(((router.scores(feats[train].astype(np.float32)) >= 0.5) == labels[train]).mean())
 
     router.threshold = chosen["threshold"]
@@ -236,7 +241,8 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
         "holdout": int(n_hold), "agreement": {"metric": "rouge_l_f1", "threshold": cfg.agree_threshold,
                                               "mean": float(agreement.mean()), "share_agreeing": float(labels.mean())},
         "train_accuracy": train_acc, "chosen": chosen, "cascade": {"metric": "mean_logprob", "chosen": cascade_chosen},
-        "costs": costs, "curves": {"learned": learned_curve, "cascade": cascade_curve},
+        "oracle": {"metric": "the answer's own agreement (a perfect router)", "chosen": oracle_chosen},
+        "costs": costs, "curves": {"learned": learned_curve, "cascade": cascade_curve, "oracle": oracle_curve},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "api_key"},
         "seconds": round(time.time() - started, 1),
     }
@@ -247,11 +253,11 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
             f.write(json.dumps({"prompt": p, "teacher": t.text, "student": s.text, "rouge_l": round(float(a), 4),
                                 "student_mean_logprob": round(s.mean_logprob, 4), "teacher_tokens": t.tokens,
                                 "student_tokens": s.tokens}) + "\n")
-    _plot(cfg.out / "curve.png", learned_curve, cascade_curve, cfg.target_quality)
+    _plot(cfg.out / "curve.png", learned_curve, cascade_curve, oracle_curve, cfg.target_quality)
     return router.manifest
 
 
-def _plot(path: Path, learned: list[dict], cascade: list[dict], target: float) -> None:
+def _plot(path: Path, learned: list[dict], cascade: list[dict], oracle: list[dict], target: float) -> None:
     try:
         import matplotlib
 
@@ -261,9 +267,10 @@ def _plot(path: Path, learned: list[dict], cascade: list[dict], target: float) -
         return
     x = "cost_saved" if "cost_saved" in learned[0] else "student_share"
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in (("learned router", learned), ("cascade (mean logprob)", cascade)):
+    for name, points, style in (("learned router", learned, "-"), ("cascade (mean logprob)", cascade, "-"),
+                                ("perfect router (bound)", oracle, ":")):
         pts = sorted(points, key=lambda p: p[x])
-        ax.plot([p[x] for p in pts], [p["quality"] for p in pts], marker="o", ms=3, label=name)
+        ax.plot([p[x] for p in pts], [p["quality"] for p in pts], style, marker="o", ms=3, label=name)
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"{target:.0%} of teacher quality")
     ax.set_xlabel("share of the teacher's cost saved" if x == "cost_saved"
                   else "share of prompts answered by the student")

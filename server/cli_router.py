@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"chosen": report["chosen"], "cascade": report["cascade"], "agreement": report["agreement"],
                       "train_accuracy": report["train_accuracy"],
                       "seconds_per_token": {k: v["seconds_per_token"] for k, v in report["costs"].items()}}, indent=2))
-    for name, point in (("learned", report["chosen"]), ("cascade", report["cascade"]["chosen"])):
+    for name, point in (("learned", report["chosen"]), ("cascade", report["cascade"]["chosen"]),
+                        ("a perfect router", report["oracle"]["chosen"])):
         print(f"{name}: threshold {point['threshold']:.4g} sends {point['student_share']:.1%} of held-out prompts to "
               f"the student at quality {point['quality']:.3f} and saves {point['cost_saved']:.1%} of the teacher's "
               "cost")

@@ -108,6 +108,20 @@ def test_calibrate_router_writes_router_and_curves(calibrated):
     assert (out / "curve.png").stat().st_size > 1000
 
 
+def test_calibrate_router_bounds_its_curves_with_a_perfect_router(calibrated):
+    _, _, out, stdout = calibrated
+    manifest = json.loads((out / "router.json").read_text())
+    curves = manifest["curves"]
+    oracle = {p["student_share"]: p["quality"] for p in curves["oracle"]}
+    for name in ("learned", "cascade"):  # at any share, no router serves better answers than the perfect one
+        assert all(oracle[p["student_share"]] >= p["quality"] - 1e-9 for p in curves[name] if p["student_share"] in oracle)
+        best = lambda points: max(p["student_share"] for p in points if p["quality"] >= 0.95)  # noqa: E731
+        assert best(curves["oracle"]) >= best(curves[name])
+    chosen = manifest["oracle"]["chosen"]
+    assert chosen in curves["oracle"] and chosen["quality"] >= 0.95
+    assert f"a perfect router: threshold {chosen['threshold']:.4g} sends {chosen['student_share']:.1%}" in stdout
+
+
 def test_calibrate_router_reports_the_cost_it_saves(calibrated):
     _, _, out, stdout = calibrated
     manifest = json.loads((out / "router.json").read_text())

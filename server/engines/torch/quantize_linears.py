@@ -86,6 +86,16 @@ def _int8_kernel_safe(in_features: int, dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or in_features % 16 == 0
 
 
+def precise_head(head: nn.Module | None) -> bool:
+    """Whether an fp32 model's int8 head keeps fp32 logits: its matmul in fp32 on slimserve's own kernel, at
+    every row count (torch's fp32 int8 kernel is scalar here). In bf16 a logit near 20 is rounded to a step of
+    1/8, so near ties between the top two tokens flip: with the head's logits in bf16, an fp32 SmolLM2's int4
+    variant gave the teacher's greedy answer on 41% of 120 router prompts, with fp32 logits on 54% (docs/routing.md).
+    Costs nothing at 1-2 rows (the kernel converts bf16 to fp32 anyway), ~1.2x the bf16 head at 16."""
+    return head is not None and type(head) is nn.Linear and head.weight.dtype == torch.float32 \
+        and int8_gemv.enabled and int8_gemv.off_reason() is None
+
+
 def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT_GROUP_SIZE,
                      compute_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Swap the model's nn.Linear layers in place; returns {"quantized": n (linears, a fused group's members
@@ -96,7 +106,8 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
         raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {group_size}")
     compute_dtype = compute_dtype or kernel_dtype(method)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_dtype = compute_dtype if method == "int8" else kernel_dtype("int8")
+    precise = precise_head(head)
+    head_dtype = torch.float32 if precise else compute_dtype if method == "int8" else kernel_dtype("int8")
     if method == "int8":
         build = lambda w, b: Int8Linear.from_linear(_linear(w, b), compute_dtype)  # noqa: E731
     else:
@@ -117,7 +128,8 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
             continue
         with torch.no_grad():
             if module is head or method == "int8":
-                new = Int8Linear.from_linear(module, head_dtype if module is head else compute_dtype)
+                new = Int8Linear.from_linear(module, head_dtype, any_rows=precise) if module is head \
+                    else Int8Linear.from_linear(module, compute_dtype)
             else:
                 new = Int4Linear.from_linear(module, group_size, compute_dtype)
         swap_module(model, name, new)
@@ -135,5 +147,6 @@ def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT
     if method == "int8" or head is not None:  # int4's head is int8 too
         off = int8_gemv.off_reason()
         own = f"; up to {int8_gemv.MAX_ROWS} rows slimserve's int8_gemv" if off is None else f"; int8_gemv off: {off}"
+        own += "; the head in fp32 on slimserve's int8_gemv" if precise else ""
     return {"quantized": quantized, "kept": len(kept), "fused": groups,
             "kernel": f"aten.{op}, {str(compute_dtype).removeprefix('torch.')} activations{fused}{own}"}
