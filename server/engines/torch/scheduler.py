@@ -5,9 +5,8 @@ prefix (prefix_cache.py), prefill the next chunk of the prompts still prefilling
 a token budget per step while rows decode, so a long prompt never stalls them for its whole length),
 merge the KV rows of those done into the running batch (runner.py), then run one decode step for every running
 sequence and accept each row's token (acceptance.py). With speculation on, the step also feeds each
-row its draft (prompt lookup: prompt_lookup.py; the model's quantized copy: self_draft.py) and
-accepts, per row, the tokens the model agrees with. Finished and aborted sequences leave the batch
-between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
+row its draft (draft_stage.py) and accepts, per row, the tokens the model agrees with. Finished and
+aborted sequences leave the batch between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -25,12 +24,12 @@ from server.engines.base import Chunk, GenerationRequest, TokenLogprob
 from server.engines.torch.acceptance import TokenAcceptor
 from server.engines.speculation_config import NgramConfig
 from server.engines.torch.admission import Admission
+from server.engines.torch.draft_stage import DraftStage, SpecCounts
 from server.engines.torch.frame_headroom import run_with_headroom
 from server.engines.torch.openmp import release_idle_team
 from server.engines.torch.prefill_stage import PrefillStage
 from server.engines.torch.prefix_cache import PrefixCache
-from server.engines.torch.prompt_lookup import AcceptanceChance, RowDraft, StepCost, choose_width, choose_widths, \
-    eligible as lookup_eligible
+from server.engines.torch.prompt_lookup import AcceptanceChance, RowDraft, StepCost, eligible as lookup_eligible
 from server.engines.torch.self_draft import PRIOR_CHANCE
 from server.engines.torch.runner import ModelRunner
 from server.engines.torch.sampling import Picked, RowState, pick_tokens
@@ -65,7 +64,7 @@ class Sequence:
         return len(self.row.prompt_ids) + len(self.row.output_ids) - 1
 
 
-class BatchScheduler(PrefillStage):
+class BatchScheduler(PrefillStage, DraftStage):
     def __init__(self, model, tokenizer, *, eos_ids: set[int], max_model_len: int, max_num_seqs: int,
                  max_prefill_tokens: int, device: torch.device, pad_id: int, lora=None, slots=None,
                  lookup: NgramConfig | None = None, prefix_cache: PrefixCache | None = None,
@@ -193,115 +192,19 @@ class BatchScheduler(PrefillStage):
         self._route_adapters(rows)
         started = time.perf_counter()  # with speculation on, whole steps are timed (StepCost)
         own_draft = self.self_draft is not None and self.self_draft.usable and self._base_rows_only
-        timing_plain = own_draft and self.self_draft.wants_plain(len(rows))  # no drafts of any kind this step
-        drafts = [self._propose(s) for s in rows] if self.lookup is not None and not timing_plain else \
-            [[] for _ in rows]
-        judges = [s.draft if d else None for s, d in zip(rows, drafts)]  # whose acceptance each draft tells
-        if own_draft and not timing_plain:
-            drafting = time.perf_counter()
-            own = self._look_ahead(rows, drafts, judges)  # for the rows prompt lookup found nothing for
-            started += time.perf_counter() - drafting  # the draft check's own time, apart from the drafting
-            drafts = [d or o for d, o in zip(drafts, own)]
-            judges = [j or (s.chance if o else None) for j, s, o in zip(judges, rows, own)]
+        drafts, judges, drafting = self._drafts(rows, own_draft)
         if any(drafts):
-            chances = [j.p if j else 0.0 for j in judges]
-            ratio, overhead = self.step_cost.shares()
-            if self.runner.packs_drafts(self._base_rows_only):  # each row pays for its own draft
-                widths = choose_widths(drafts, chances, ratio, overhead)
-                drafts = [d[:n] for d, n in zip(drafts, widths)]
-            else:  # one dense forward: every row pays for the widest
-                width = choose_width(drafts, chances, ratio, overhead)
-                drafts = [d[:width] for d in drafts]
-            self._forget([s for s, j, d in zip(rows, judges, drafts) if j is not None and j is s.chance and not d])
-        if any(drafts):
-            self._decode_drafts(rows, drafts, judges, started)
+            self._decode_drafts(rows, drafts, judges, started + drafting)  # the check's time, apart from drafting
             return
         logits = self.runner.decode([s.row.output_ids[-1] for s in rows], [s.position for s in rows],
                                     compiled=self._base_rows_only)
         self._accept(rows, self._pick(logits.float(), rows))
-        if self.lookup is not None or self.self_draft is not None:
-            seconds = time.perf_counter() - started
-            self.step_cost.observe(len(rows), seconds)
-            if own_draft:
-                self.self_draft.observe(len(rows), seconds)
+        self._timed_plain(len(rows), time.perf_counter() - started - drafting, own_draft)
 
     @property
     def _base_rows_only(self) -> bool:
         """No running row has an adapter: the compiled step (which models the base model only) may run."""
         return self.lora is None or self.lora.mask is None
-
-    @staticmethod
-    def _propose(seq: Sequence) -> list[int]:
-        if seq.draft is None or seq.done or seq.aborted:
-            return []
-        return seq.draft.propose(seq.row.prompt_ids + seq.row.output_ids, BatchScheduler._room(seq))
-
-    def _look_ahead(self, rows: list[Sequence], have: list[list[int]], judges: list) -> list[list[int]]:
-        """Self-speculation: the draft from the model's quantized copy of each row that has none yet (`have`:
-        prompt lookup's, whose chances `judges` hold), as long as the measured costs say it pays
-        (self_draft.SelfDraft.choose; [] for every row: no drafting). A draft that raises costs only
-        itself: the runner has rolled the cache back, the step goes on without it."""
-        rooms = [self._room(s) if s.chance is not None and not (s.done or s.aborted or h) else 0
-                 for s, h in zip(rows, have)]
-        chances = [s.chance.p if room > 0 else None for s, room in zip(rows, rooms)]
-        others = [(j.p, len(h)) for j, h in zip(judges, have) if h]  # checked this step anyway
-        k = self.self_draft.choose(chances, *self.step_cost.shares(), packed=self.runner.packs_drafts(),
-                                   most=max(rooms), others=others)
-        if k == 0:
-            self._forget([s for s, p in zip(rows, chances) if p is not None])
-            return [[] for _ in rows]
-        started = time.perf_counter()
-        try:
-            tokens = self.runner.look_ahead(self.self_draft, [s.row.output_ids[-1] for s in rows],
-                                            [s.position for s in rows], k, self.max_model_len - 1)
-        except Exception as exc:
-            log.exception("self-speculation draft failed")
-            self.self_draft.failed(exc)
-            return [[] for _ in rows]
-        self.self_draft.observe(len(rows), time.perf_counter() - started, drafted=k)
-        return [t[:min(k, room)] for t, room in zip(tokens, rooms)]
-
-    @staticmethod
-    def _forget(seqs: list[Sequence]) -> None:
-        """Rows that could have drafted and did not this step: their acceptance drifts back to the prior."""
-        for seq in seqs:
-            if seq.chance is not None:
-                seq.chance.forget()
-
-    @staticmethod
-    def _room(seq: Sequence) -> int:
-        """Draft tokens the row may take: the step also yields the model's own next token."""
-        a = seq.acceptor
-        return min(a.max_tokens, a.room) - a.generated - 1
-
-    def _decode_drafts(self, rows: list[Sequence], drafts: list[list[int]], judges: list, started: float) -> None:
-        """One step that checks every row's draft: position j of row i is accepted (as a plain decode step
-        would accept it: sampling.pick_tokens, acceptance.py) while the model's token there equals the
-        draft's; the first disagreement is the model's own token, so the output is unchanged. `judges[i]`
-        (RowDraft or AcceptanceChance) learns how row i's draft fared."""
-        fed = [[s.row.output_ids[-1], *d] for s, d in zip(rows, drafts)]
-        logits, where = self.runner.verify(fed, [s.position for s in rows], compiled=self._base_rows_only)
-        width = where.shape[1]
-        kept = [1] * len(rows)  # fed columns each row keeps in the cache: its last token + accepted drafts
-        alive = list(range(len(rows)))
-        for j in range(width):
-            now = [i for i in alive if j < len(fed[i])]
-            if not now:
-                break
-            seqs = [rows[i] for i in now]
-            picked = self._pick(logits[where[now, j]].float(), seqs)
-            self._accept(seqs, picked)
-            alive = []
-            for i, token in zip(now, picked.tokens):
-                if not (rows[i].done or rows[i].aborted) and j < len(drafts[i]) and token == drafts[i][j]:
-                    kept[i] = j + 2
-                    alive.append(i)
-        for judge, draft, k in zip(judges, drafts, kept):
-            if draft:
-                judge.observe(len(draft), k - 1)
-                self.spec.add(len(draft), k - 1)
-        self.runner.settle(kept, width)
-        self.step_cost.observe(logits.shape[0], time.perf_counter() - started, draft=True)  # positions computed
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> Picked:
         """Sample the batch; if that fails, sample row by row and fail only the rows that fail. The retry
@@ -419,20 +322,6 @@ class BatchScheduler(PrefillStage):
         self._rows = [s for s in self._rows if id(s) not in failed]
         if not self._rows:
             self.runner.clear()
-
-
-@dataclass
-class SpecCounts:
-    """Speculation so far (cumulative; read by EngineStats): drafts checked, tokens proposed, accepted."""
-
-    drafts: int = 0
-    proposed: int = 0
-    accepted: int = 0
-
-    def add(self, proposed: int, accepted: int) -> None:
-        self.drafts += 1
-        self.proposed += proposed
-        self.accepted += accepted
 
 
 class _InjectedDeath(BaseException):
