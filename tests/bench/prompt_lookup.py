@@ -7,8 +7,8 @@ quote, rewrite, extract from a given text) and on open questions, one request at
     python -m tests.bench.prompt_lookup --speculative-config '{"method": "quantized_self"}' --out ...
 
 Both servers (the embedded SmolLM2-135M-Instruct unless --server-arg --model=...) run side by side and
-take turns, prompt by prompt at c=1 and round by round at c=16, order swapped each turn (this
-machine is noisy); texts are compared. Writes tests/bench/figures/prompt_lookup_smollm2.json and .png
+take turns, prompt by prompt at c=1 and round by round at c=16 (or, with --load closed, 16 closed-loop
+clients in two turns), order swapped each turn (this machine is noisy); texts are compared. Writes tests/bench/figures/prompt_lookup_smollm2.json and .png
 and prints the CPU model.
 """
 
@@ -90,18 +90,42 @@ async def spec_counts(client: httpx.AsyncClient, url: str) -> tuple[float, float
     return total("slimserve_spec_decode_num_draft_tokens"), total("slimserve_spec_decode_num_accepted_tokens")
 
 
+async def closed_loop(client: httpx.AsyncClient, url: str, model: str, prompts: list[str], concurrency: int,
+                      max_tokens: int) -> list:
+    """`concurrency` clients, each sending the next prompt as soon as its last answer is back (as vLLM's
+    benchmark with --max-concurrency): the batch stays full until the prompts run out."""
+    results, next_index = [None] * len(prompts), iter(range(len(prompts)))
+
+    async def client_loop() -> None:
+        for i in next_index:
+            results[i] = await one(client, url, model, prompts[i], max_tokens)
+
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return results
+
+
 async def measure(urls: dict[str, str], model: str, prompts: list[str], concurrency: int, rounds: int,
-                  max_tokens: int) -> dict:
-    """tok/s of each server: c=1 prompt by prompt, else `rounds` rounds of `concurrency` prompts at once."""
+                  max_tokens: int, load: str = "rounds") -> dict:
+    """tok/s of each server: c=1 prompt by prompt; else `rounds` rounds of `concurrency` prompts at once
+    (load "rounds": each round waits for its slowest answer), or the same requests from `concurrency`
+    closed-loop clients in two turns (load "closed")."""
     totals = {k: [0, 0.0] for k in urls}
     texts: dict[str, list[str]] = {k: [] for k in urls}
     async with httpx.AsyncClient(timeout=1800) as client:
         before = await spec_counts(client, urls["spec"])
-        turns = [[p] for p in prompts] if concurrency == 1 else [prompts[:concurrency]] * rounds
+        if concurrency == 1:
+            turns = [[p] for p in prompts]
+        elif load == "closed":
+            turns = [prompts[:concurrency] * max(1, rounds // 2)] * 2
+        else:
+            turns = [prompts[:concurrency]] * rounds
         for i, batch in enumerate(turns):
             for name in (list(urls) if i % 2 == 0 else list(urls)[::-1]):
                 t0 = time.perf_counter()
-                results = await asyncio.gather(*(one(client, urls[name], model, p, max_tokens) for p in batch))
+                if load == "closed" and concurrency > 1:
+                    results = await closed_loop(client, urls[name], model, batch, concurrency, max_tokens)
+                else:
+                    results = await asyncio.gather(*(one(client, urls[name], model, p, max_tokens) for p in batch))
                 totals[name][0] += sum(n for _, n, _ in results)
                 totals[name][1] += time.perf_counter() - t0
                 texts[name] += [t for t, _, _ in results]
@@ -149,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--c1-prompts", type=int, default=6, help="prompts per set at c=1")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per set at c>1")
+    ap.add_argument("--load", choices=("rounds", "closed"), default="rounds",
+                    help="at c>1: rounds of c prompts at once, or c closed-loop clients sending as many")
     ap.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                                                     '"prompt_lookup_max": 4, "prompt_lookup_min": 2}')
     ap.add_argument("--sets", default="grounded,open")
@@ -180,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.sets.split(","):
                 for c in concurrencies:
                     prompts = sets[name][: args.c1_prompts] if c == 1 else sets[name]
-                    r = {"prompts": name, **await measure(urls, model, prompts, c, args.rounds, args.max_tokens)}
+                    r = {"prompts": name, **await measure(urls, model, prompts, c, args.rounds, args.max_tokens,
+                                                                   args.load)}
                     print(f"{name:9s} c={c:<3d} plain {r['plain_tok_s']:6.1f} tok/s, speculation {r['spec_tok_s']:6.1f}"
                           f" tok/s: {r['speedup']:.2f}x; identical {r['identical_texts']}/{r['requests']}; accepted "
                           f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f} drafted tokens")
@@ -190,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = asyncio.run(run())
     result = {"model": args.model, "cpu": cpu, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "speculative_config": json.loads(args.speculative_config), "c1_prompts": args.c1_prompts,
-              "rounds": args.rounds, "open_prompts": str(args.open_prompts or "built in"),
+              "rounds": args.rounds, "load": args.load, "open_prompts": str(args.open_prompts or "built in"),
               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
               "server_args": args.server_arg, "runs": runs}
     write_result(result, args.out, plot)
