@@ -6,8 +6,8 @@ distillation: its own answers agree fully). A logistic regression over prompt fe
 agreement; its threshold is picked on a held-out part of the prompts for a target student share or
 a target quality (mean agreement of the served answers, teacher = 1.0). The same held-out part also
 gives the cascade policy's curve (student confidence = mean token logprob), so both can be compared, and
-the bound on both: a perfect router's curve, which sends the student the prompts its answers agree on most
-(it tells whether the router or the student limits the share).
+the bound on both: a perfect router's curve (perfect_router_curve), which tells whether the router or
+the student limits the share.
 
 Each point also says what it saves: the teacher's cost of its own answers minus what the policy spends
 (the student's answers it serves; a cascade pays for every student answer and the teacher's where it
@@ -181,6 +181,14 @@ def curve(scores: np.ndarray, agreement: np.ndarray, thresholds: np.ndarray,
     return points
 
 
+def perfect_router_curve(agreement: np.ndarray, seconds: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+    """The curve of a router that knew each answer's agreement in advance and sends the student the
+    prompts it agrees on most: at each share, the best quality any router could reach (the bound on a
+    policy's share at a target quality; its cost saved is that of routing by agreement, not the least
+    cost). A threshold at every distinct agreement, so no crossing of a quality target is skipped."""
+    return curve(agreement, agreement, np.unique(np.concatenate([agreement, [agreement.max() + 1e-6]])), seconds)
+
+
 def pick(points: list[dict], target_quality: float, target_share: float | None) -> dict:
     if target_share is not None:  # the point whose share is closest to the target
         return min(points, key=lambda p: (abs(p["student_share"] - target_share), -p["quality"]))
@@ -229,8 +237,7 @@ def calibrate(cfg: CalibrationConfig, progress=print) -> dict:
     confidence = np.array([s.mean_logprob for s in student])[hold]
     cascade_curve = curve(confidence, agreement[hold], sweep(confidence), held_seconds, cascade=True)
     cascade_chosen = pick(cascade_curve, cfg.target_quality, cfg.target_share)
-    # the bound no router can pass on these prompts: one that knew each answer's agreement in advance
-    oracle_curve = curve(agreement[hold], agreement[hold], sweep(agreement[hold]), held_seconds)
+    oracle_curve = perfect_router_curve(agreement[hold], held_seconds)
     oracle_chosen = pick(oracle_curve, cfg.target_quality, cfg.target_share)
     train_acc = float(((router.scores(feats[train].astype(np.float32)) >= 0.5) == labels[train]).mean())
 

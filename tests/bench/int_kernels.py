@@ -45,8 +45,8 @@ FULL = {"fp32": "float32", "bf16": "bfloat16"}
 
 @contextlib.contextmanager
 def int8_kernel_for(variant: str):
-    """slimserve's int8 decode kernel off while a `-torchkernel` variant runs (int8_gemv.enabled is read
-    on every call), as it was afterwards."""
+    """slimserve's int8 decode kernel off while a `-torchkernel` variant loads and runs (int8_gemv.enabled is
+    read on every call, and at load for an fp32 model's head), as it was afterwards."""
     own, int8_gemv.enabled = int8_gemv.enabled, int8_gemv.enabled and "-torchkernel" not in variant
     try:
         yield
@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     cpu = describe()
     print(f"CPU: {summary(cpu)}; flags: {' '.join(cpu['avx512'] + cpu['amx'])}")
-    engines = {v: load(v, path) for v in variants}
+    engines = {}
+    for v in variants:  # loaded with the kernel as it runs: an fp32 model's head is fp32 only with slimserve's
+        with int8_kernel_for(v):
+            engines[v] = load(v, path)
 
     async def run() -> dict:
         rates = {v: {b: [] for b in batches} for v in variants}

@@ -8,8 +8,8 @@ quote, rewrite, extract from a given text) and on open questions, one request at
 
 Both servers (the embedded SmolLM2-135M-Instruct unless --server-arg --model=...) run side by side and
 take turns, prompt by prompt at c=1 and round by round at c=16 (or, with --load closed, 16 closed-loop
-clients in two turns), order swapped each turn (this machine is noisy); texts are compared. Writes tests/bench/figures/prompt_lookup_smollm2.json and .png
-and prints the CPU model.
+clients in two turns), order swapped each turn (this machine is noisy); texts are compared. Writes
+tests/bench/figures/prompt_lookup_smollm2.json and .png and prints the CPU model.
 """
 
 from __future__ import annotations

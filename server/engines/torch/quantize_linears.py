@@ -88,12 +88,14 @@ def _int8_kernel_safe(in_features: int, dtype: torch.dtype) -> bool:
 
 def precise_head(head: nn.Module | None) -> bool:
     """Whether an fp32 model's int8 head keeps fp32 logits: its matmul in fp32 on slimserve's own kernel, at
-    every row count (torch's fp32 int8 kernel is scalar here). In bf16 a logit near 20 is rounded to a step of
-    1/8, so near ties between the top two tokens flip: with the head's logits in bf16, an fp32 SmolLM2's int4
-    variant gave the teacher's greedy answer on 41% of 120 router prompts, with fp32 logits on 54% (docs/routing.md).
-    Costs nothing at 1-2 rows (the kernel converts bf16 to fp32 anyway), ~1.2x the bf16 head at 16."""
+    every row count (torch's fp32 int8 kernel is scalar here: 38 ms at 4 rows of SmolLM2's head). In bf16 a
+    logit near 20 is rounded to a step of 1/8, so near ties between the top two tokens flip: served beside
+    its fp32 teacher, SmolLM2's int4 variant gave the teacher's exact answer on 39.3% of 300 router prompts
+    with bf16 logits, 48.3% with fp32 logits (docs/routing.md). Costs nothing at 1-2 rows (the kernel converts
+    bf16 to fp32 anyway), ~1.2x the bf16 head at 16 rows and ~1.6x at 2048 (prompt scoring). Off where the
+    kernel is (SLIMSERVE_INT8_KERNEL=torch, no compiler): the head keeps the measured kernel dtype."""
     return head is not None and type(head) is nn.Linear and head.weight.dtype == torch.float32 \
-        and int8_gemv.enabled and int8_gemv.off_reason() is None
+        and int8_gemv.off_reason() is None
 
 
 def quantize_linears(model: nn.Module, method: str, *, group_size: int = DEFAULT_GROUP_SIZE,

@@ -6,7 +6,8 @@ a token budget per step while rows decode, so a long prompt never stalls them fo
 merge the KV rows of those done into the running batch (runner.py), then run one decode step for every running
 sequence and accept each row's token (acceptance.py). With speculation on, the step also feeds each
 row its draft (draft_stage.py) and accepts, per row, the tokens the model agrees with. Finished and
-aborted sequences leave the batch between steps. The event loop only ever sees Chunks pushed through `call_soon_threadsafe`.
+aborted sequences leave the batch between steps. The event loop only ever sees Chunks pushed through
+`call_soon_threadsafe`.
 """
 
 from __future__ import annotations
