@@ -81,6 +81,14 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
     return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"], time.perf_counter() - t0
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a server process has used so far (all its threads; Linux /proc)."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def spec_counts(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
     text = (await client.get(f"{url}/metrics")).text
 
@@ -105,11 +113,14 @@ async def closed_loop(client: httpx.AsyncClient, url: str, model: str, prompts: 
 
 
 async def measure(urls: dict[str, str], model: str, prompts: list[str], concurrency: int, rounds: int,
-                  max_tokens: int, load: str = "rounds") -> dict:
+                  max_tokens: int, load: str = "rounds", pids: dict[str, int | None] | None = None) -> dict:
     """tok/s of each server: c=1 prompt by prompt; else `rounds` rounds of `concurrency` prompts at once
     (load "rounds": each round waits for its slowest answer), or the same requests from `concurrency`
-    closed-loop clients in two turns (load "closed")."""
+    closed-loop clients in two turns (load "closed"). With the servers' `pids`, also each server's CPU seconds
+    (all threads) per output token over its turns, the figure routing costs are in."""
     totals = {k: [0, 0.0] for k in urls}
+    cpu = {k: 0.0 for k in urls}
+    pids = pids or {}
     texts: dict[str, list[str]] = {k: [] for k in urls}
     async with httpx.AsyncClient(timeout=1800) as client:
         before = await spec_counts(client, urls["spec"])
@@ -121,13 +132,14 @@ async def measure(urls: dict[str, str], model: str, prompts: list[str], concurre
             turns = [prompts[:concurrency]] * rounds
         for i, batch in enumerate(turns):
             for name in (list(urls) if i % 2 == 0 else list(urls)[::-1]):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_seconds(pids.get(name))
                 if load == "closed" and concurrency > 1:
                     results = await closed_loop(client, urls[name], model, batch, concurrency, max_tokens)
                 else:
                     results = await asyncio.gather(*(one(client, urls[name], model, p, max_tokens) for p in batch))
                 totals[name][0] += sum(n for _, n, _ in results)
                 totals[name][1] += time.perf_counter() - t0
+                cpu[name] += cpu_seconds(pids.get(name)) - c0
                 texts[name] += [t for t, _, _ in results]
         after = await spec_counts(client, urls["spec"])
     tok_s = {k: n / s for k, (n, s) in totals.items()}
@@ -137,7 +149,8 @@ async def measure(urls: dict[str, str], model: str, prompts: list[str], concurre
             "identical_texts": sum(a == b for a, b in zip(texts["plain"], texts["spec"])),
             "draft_tokens": proposed, "accepted_tokens": accepted,
             "acceptance": accepted / proposed if proposed else None,
-            "tokens": {k: n for k, (n, _) in totals.items()}}
+            "tokens": {k: n for k, (n, _) in totals.items()},
+            "cpu_seconds_per_token": {k: cpu[k] / totals[k][0] if totals[k][0] else None for k in urls}}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -193,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     base = ["--model", args.model, "--dtype", args.dtype, "--max-num-seqs", str(width), *args.server_arg]
     logs = Path(tempfile.mkdtemp(prefix="prompt-lookup-"))
     with ExitStack() as stack:
-        urls = {"plain": stack.enter_context(serving(base, logs / "plain.log")).base_url,
-                "spec": stack.enter_context(serving(base + ["--speculative-config", args.speculative_config],
-                                                    logs / "spec.log")).base_url}
+        served = {"plain": stack.enter_context(serving(base, logs / "plain.log")),
+                  "spec": stack.enter_context(serving(base + ["--speculative-config", args.speculative_config],
+                                                      logs / "spec.log"))}
+        urls, pids = {k: v.base_url for k, v in served.items()}, {k: v.pid for k, v in served.items()}
         model = httpx.get(f"{urls['plain']}/v1/models").json()["data"][0]["id"]
 
         async def run() -> list[dict]:
@@ -207,10 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                 for c in concurrencies:
                     prompts = sets[name][: args.c1_prompts] if c == 1 else sets[name]
                     r = {"prompts": name, **await measure(urls, model, prompts, c, args.rounds, args.max_tokens,
-                                                                   args.load)}
+                                                                   args.load, pids)}
                     print(f"{name:9s} c={c:<3d} plain {r['plain_tok_s']:6.1f} tok/s, speculation {r['spec_tok_s']:6.1f}"
                           f" tok/s: {r['speedup']:.2f}x; identical {r['identical_texts']}/{r['requests']}; accepted "
-                          f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f} drafted tokens")
+                          f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f} drafted tokens; CPU s/token "
+                          + " against ".join(f"{v * 1e3:.1f} ms" for v in r["cpu_seconds_per_token"].values()))
                     runs.append(r)
             return runs
 
