@@ -5,8 +5,6 @@ a bias; Int8Linear uses it for few rows and torch's kernel above; the build is c
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -84,19 +82,6 @@ def test_one_build_per_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(native_build, "cpu_flags", lambda: "flags : fpu sse sse2 avx avx2")
     other = build()
     assert other != first and sorted(p.name for p in tmp_path.glob("*.so")) == sorted([first.name, other.name])
-
-
-def test_a_new_build_prunes_the_oldest_beyond_keep(monkeypatch, tmp_path):
-    monkeypatch.setattr(native_build, "CACHE", tmp_path)
-    old = [tmp_path / f"int8_gemv-{i:016x}.so" for i in range(native_build.KEEP + 2)]
-    for i, path in enumerate(old):
-        path.write_bytes(b"old")
-        os.utime(path, ns=(i * 10**9, i * 10**9))  # older first
-    (tmp_path / "decode_attention-0000000000000000.so").write_bytes(b"another kernel")
-    new = native_build.build("int8_gemv", int8_gemv.SOURCE)
-    kept = sorted(p.name for p in tmp_path.glob("int8_gemv-*.so"))
-    assert kept == sorted([new.name] + [p.name for p in old[-(native_build.KEEP - 1):]])
-    assert (tmp_path / "decode_attention-0000000000000000.so").exists()
 
 
 def test_no_compiler_leaves_torchs_kernel(monkeypatch, tmp_path):

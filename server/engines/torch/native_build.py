@@ -6,8 +6,7 @@ second) for this CPU's vector unit, into a cache folder (`SLIMSERVE_KERNEL_CACHE
 flags: a kernel built for one vector ISA is never loaded on another (see
 compiled_decode.use_isa_cache_dir for what that costs), and a process beside this one sees the whole
 file or none (written to a temporary name, then renamed). A cached file that does not load (cut short
-on a full disk, say) is built again once. Each new build prunes the kernel's older builds beyond the
-newest KEEP (a new slimserve, compiler or CPU makes a new one; a few CPUs may share one cache folder).
+on a full disk, say) is built again once.
 
 A kernel runs on torch's own OpenMP runtime: the process already holds `libgomp.so.1`, the name the
 kernel links against. That is checked at load; where the kernel would bind another runtime (a torch
@@ -81,7 +80,6 @@ static inline uint16_t to_bf16(float f) {
 }
 """
 CACHE = Path(os.environ.get("SLIMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "slimserve" / "kernels"))
-KEEP = 4  # builds of each kernel kept in the cache, newest first
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 
 
@@ -122,22 +120,7 @@ def build(name: str, source: str, libs: tuple[str, ...] = (), rebuild: bool = Fa
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.decode(errors='replace').strip()[-500:]}")
         os.replace(out, target)
-    _prune(name, target)
     return target
-
-
-def _prune(name: str, newest: Path) -> None:
-    """Remove the kernel's builds beyond the newest KEEP (never `newest`). A process that has one loaded keeps
-    its mapping; a file another process removes first is skipped."""
-    builds = []
-    for path in CACHE.glob(f"{name}-*.so"):
-        try:
-            builds.append((path.stat().st_mtime_ns, path))
-        except OSError:
-            continue
-    for _, path in sorted(builds, reverse=True)[KEEP:]:
-        if path != newest:
-            path.unlink(missing_ok=True)
 
 
 def load(name: str, source: str, libs: tuple[str, ...] = ()) -> ctypes.CDLL:
