@@ -82,7 +82,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds a server process has used so far (all its threads; Linux /proc)."""
+    """User + system CPU seconds a server process has used so far (all its threads; Linux /proc). The torch
+    engine runs inside the server process; a vLLM engine's worker process would not be counted."""
     if pid is None:
         return float("nan")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:9s} c={c:<3d} plain {r['plain_tok_s']:6.1f} tok/s, speculation {r['spec_tok_s']:6.1f}"
                           f" tok/s: {r['speedup']:.2f}x; identical {r['identical_texts']}/{r['requests']}; accepted "
                           f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f} drafted tokens; CPU s/token "
-                          + " against ".join(f"{v * 1e3:.1f} ms" for v in r["cpu_seconds_per_token"].values()))
+                          + " against ".join(f"{(v or float('nan')) * 1e3:.1f} ms"
+                                             for v in r["cpu_seconds_per_token"].values()))
                     runs.append(r)
             return runs
 
