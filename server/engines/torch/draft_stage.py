@@ -1,7 +1,8 @@
 """The speculation half of a decode step of the batch scheduler (scheduler.py): each row's draft
 (prompt lookup: prompt_lookup.py; the model's quantized copy: self_draft.py), trimmed to the widths
 the measured step costs say pay, then one step that checks every draft and accepts, per row, the
-tokens the model agrees with; and the timing of plain steps those choices learn from.
+tokens the model agrees with; the timing of plain steps those choices learn from; and what drafts, as
+/v1/models says it.
 
 A mixin of BatchScheduler: it works on the scheduler's runner, rows, lookup, self_draft and step_cost,
 and hands tokens to its acceptance (`_pick`, `_accept`).
@@ -49,6 +50,17 @@ class DraftStage:
                 drafts = [d[:width] for d in drafts]
             self._forget([s for s, j, d in zip(rows, judges, drafts) if j is not None and j is s.chance and not d])
         return drafts, judges, drafting
+
+    def drafters(self) -> list[str]:
+        """What drafts in these steps, for /v1/models: prompt lookup, the quantized copy (none: [])."""
+        parts = []
+        if self.lookup is not None:
+            c = self.lookup
+            parts.append(f"ngram: prompt lookup{' first' if self.self_draft else ''} (n-grams of "
+                         f"{c.prompt_lookup_min}-{c.prompt_lookup_max}, up to {c.num_speculative_tokens} tokens)")
+        if self.self_draft is not None:
+            parts.append(self.self_draft.describe())
+        return parts
 
     def _timed_plain(self, rows: int, seconds: float, own_draft: bool) -> None:
         """A plain step of `rows` rows took `seconds`: what the draft choices weigh drafts against."""

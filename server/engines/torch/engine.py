@@ -179,13 +179,7 @@ class TorchEngine(HFTokenizing):
     @property
     def speculation(self) -> str | None:
         """What speculates for this model, for /v1/models (None: nothing)."""
-        scheduler, parts = self._scheduler, []
-        if scheduler.lookup is not None:
-            c = scheduler.lookup
-            parts.append(f"ngram: prompt lookup{' first' if scheduler.self_draft else ''} (n-grams of "
-                         f"{c.prompt_lookup_min}-{c.prompt_lookup_max}, up to {c.num_speculative_tokens} tokens)")
-        if scheduler.self_draft is not None:
-            parts.append(scheduler.self_draft.describe())
+        parts = self._scheduler.drafters()
         if self.speculative is not None:
             parts.append(f"draft model {self.speculative.draft.name_or_path} (lone greedy requests"
                          f"{', while it measures faster' if self.speculation_judge else ''})")

@@ -92,8 +92,8 @@ def precise_head(head: nn.Module | None) -> bool:
     logit near 20 is rounded to a step of 1/8, so near ties between the top two tokens flip: served beside
     its fp32 teacher, SmolLM2's int4 variant gave the teacher's exact answer on 39.3% of 300 router prompts
     with bf16 logits, 48.3% with fp32 logits (docs/routing.md). Costs nothing at 1-2 rows (the kernel converts
-    bf16 to fp32 anyway), ~1.2x the bf16 head at 16 rows and ~1.6x at 2048 (prompt scoring). Off where the
-    kernel is (SLIMSERVE_INT8_KERNEL=torch, no compiler): the head keeps the measured kernel dtype."""
+    bf16 to fp32 anyway), ~1.2x the bf16 head at 16 rows and ~1.6x at 2048 (prompt scoring). Where the kernel
+    is off (SLIMSERVE_INT8_KERNEL=torch, no compiler), the head keeps the measured kernel dtype."""
     return head is not None and type(head) is nn.Linear and head.weight.dtype == torch.float32 \
         and int8_gemv.off_reason() is None
 
